@@ -1,0 +1,726 @@
+"""Stage 1: data, a cold-start policy (SFT) and the consistency reward model (CRM).
+
+CORA (arXiv 2606.14691) trains a vision-language policy with GRPO and adds a learned
+*consistency reward*: a frozen text classifier that reads the question and the policy's
+<think> text and says whether the <answer> follows from it. This stage makes the three
+things every later stage needs:
+
+  1. data     a train/test split of image + question + verifiable answer. With no --dataset,
+              synthetic visual reasoning tasks drawn with Pillow (two families, below), each
+              with a templated trace <think>...So the answer is X.</think><answer>Y</answer>.
+              The thinking's conclusion X is machine-readable, so consistency has a ground
+              truth: the rule oracle says "consistent" iff Y == X.
+  2. policy   a Qwen2-VL(-architecture) model, fine-tuned by teacher forcing on the traces
+              (loss on completion tokens only):  L_sft = -mean_t log p(y_t | image, q, y_<t).
+              A share --inconsistent-frac of the embedded traces is inconsistent on purpose,
+              of both kinds the paper counts (right thinking + wrong answer, wrong thinking +
+              right answer), so the SFT policy starts with a measurable inconsistency rate.
+  3. crm      an encoder classifier, NLI style: premise = question + thinking, hypothesis =
+              "The final answer is {a}.", labels {inconsistent, consistent}. The reward used
+              in RL (stage 3) is r_cons = lambda_cons * P(consistent | q, t, a).
+              Paper: ModernBERT-large trained on ~90K judged rollouts. Embedded default: a tiny
+              ModernBERT trained on the oracle-labelled traces plus hard negatives (the answer
+              swapped for a wrong one). Deviation: oracle labels instead of a GPT-5 judge.
+
+Embedded tasks ("count" and "bars", 84x84 px):
+  count  "How many red shapes are there?"  1-6 shapes of the colour asked, 0-3 of another.
+         trace: "I count the red shapes: 1, 2, 3. So the answer is 3."
+  bars   "Which bar is the tallest: A, B or C?"  three bars, distinct heights 1-6.
+         trace: "Heights: A 2, B 5, C 3. So the answer is B."
+
+Reads:  nothing (embedded), or --policy / --crm / --dataset / --crm-data (hub ids or paths).
+Writes: runs/<run>/data/ (datasets save_to_disk), runs/<run>/policy_sft/ and runs/<run>/crm/
+        (save_pretrained folders), runs/<run>/stage1.json (the numbers printed at the end).
+
+Run:    python 01_sft_rm.py                              # embedded default, ~5 min on 2 CPU cores
+        python 01_sft_rm.py --policy Qwen/Qwen2-VL-2B-Instruct --skip-policy-sft \\
+            --dataset my_data.jsonl --crm answerdotai/ModernBERT-large --crm-data judged.jsonl
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+
+@dataclass
+class Config:
+    run: str = "default"  # run folder name: everything goes to runs/<run>/
+    runs_dir: str = "runs"  # parent folder of all runs
+    seed: int = 0  # seeds the task generator, model init and batches
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where models train
+    # data
+    dataset: str | None = None  # hub id, load_from_disk folder or JSONL; None = embedded tasks
+    image_column: str = "image"  # column with the image (PIL image, or a path for JSONL)
+    question_column: str = "question"  # column with the question text
+    answer_column: str = "answer"  # column with the verifiable answer
+    target_column: str | None = None  # real data: column with SFT completions (<think>..<answer>..)
+    train_split: str = "train"  # split used for SFT and RL
+    test_split: str = "test"  # split used for evaluation
+    n_train: int = 4000  # embedded: number of training tasks
+    n_test: int = 200  # embedded: number of test tasks
+    image_size: int = 84  # embedded: side of the square images, a multiple of 28
+    inconsistent_frac: float = 0.25  # embedded: share of SFT traces made inconsistent on purpose
+    max_pixels: int = 448 * 448  # cap on image pixels for the processor (memory on real models)
+    # policy SFT
+    policy: str | None = None  # hub id or folder of a Qwen2-VL / Qwen2.5-VL; None = build a tiny one
+    skip_policy_sft: bool = False  # keep the policy as loaded (e.g. an instruct checkpoint)
+    sft_steps: int = 450  # optimiser steps of policy SFT
+    sft_batch_size: int = 32  # prompts per SFT step
+    sft_lr: float = 2e-3  # peak AdamW learning rate (tiny model; use ~1e-5 for a real one)
+    warmup_steps: int = 20  # linear warm-up, then cosine decay to 10 %
+    eval_n: int = 200  # test prompts for the greedy check after SFT
+    max_new_tokens: int = 64  # generation budget for that check
+    # consistency reward model
+    crm: str | None = None  # hub id / folder of an encoder; None = tiny ModernBERT (real runs: ModernBERT-large)
+    crm_data: str | None = None  # JSONL of {question, thinking, answer, label} rows (real runs)
+    crm_steps: int = 400  # optimiser steps of CRM SFT
+    crm_batch_size: int = 64  # pairs per CRM step
+    crm_lr: float = 1e-3  # peak AdamW learning rate (tiny model; use ~2e-5 for ModernBERT-large)
+
+
+# ----------------------------------------------------------------------------- small helpers
+INSTRUCTION = " Think step by step inside <think></think>, then give the final answer inside <answer></answer>."
+SYSTEM_PROMPT = "You are a helpful assistant."
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + VISION_TOKENS  # Qwen's order
+REASONING_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+CRM_LABELS = {0: "inconsistent", 1: "consistent"}
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON through a temporary file and a rename, so a killed run never leaves half a file."""
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file; a broken line is an error that names the file and the line."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise SystemExit(f"{path}, line {number}: not valid JSON ({error}).")
+    return rows
+
+
+def read_stage1(run_dir: Path) -> dict:
+    """Stage 1's summary; its "config" names the data columns every later stage reads."""
+    return json.loads(require(run_dir / "stage1.json", f"python 01_sft_rm.py --run {run_dir.name}").read_text())
+
+
+def require(path: Path, made_by: str) -> Path:
+    """Fail with the command that creates `path` when an earlier stage has not been run."""
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist: run `{made_by}` first.")
+    return path
+
+
+# ----------------------------------------------------------------------------- parsing and the rule oracle
+THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+CONCLUSION_RE = re.compile(r"answer is\s*([^\s<]+?)\.?(?:\s|$)", re.IGNORECASE)
+
+
+def parse_completion(text: str) -> tuple[str | None, str | None]:
+    """The last <think>...</think> and the last <answer>...</answer> (stripped), or None.
+
+    Example: parse_completion("<think>1, 2. So the answer is 2.</think><answer>2</answer>")
+             -> ("1, 2. So the answer is 2.", "2");  parse_completion("<answer> </answer>") -> (None, None)
+    An empty answer counts as missing, so it can never match anything.
+    """
+    thinks, answers = THINK_RE.findall(text), ANSWER_RE.findall(text)
+    think = thinks[-1].strip() if thinks else None
+    answer = answers[-1].strip() if answers else None
+    return think or None, answer or None
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, no surrounding spaces/punctuation, an option letter 'B)' or '(b)' -> 'b'."""
+    return text.strip().strip(".()").strip().lower()
+
+
+def answers_match(predicted: str | None, truth: str, rel_tol: float = 1e-6) -> bool:
+    """Numbers compare with a tolerance ('3.0' == '3'), everything else as normalised strings."""
+    if predicted is None:
+        return False
+    p, t = normalize_answer(predicted), normalize_answer(truth)
+    if not p:  # an empty answer never matches, not even an empty truth
+        return False
+    try:
+        return math.isclose(float(p), float(t), rel_tol=rel_tol, abs_tol=1e-9)
+    except ValueError:
+        return p == t
+
+
+def thinking_conclusion(think: str | None) -> str | None:
+    """What the thinking concluded: the X of its last 'the answer is X' (the traces' template)."""
+    found = CONCLUSION_RE.findall(think or "")
+    return found[-1] if found else None
+
+
+def oracle_consistent(think: str | None, answer: str | None) -> bool:
+    """Rule oracle (embedded tasks): the answer equals what the thinking concluded."""
+    conclusion = thinking_conclusion(think)
+    return conclusion is not None and answers_match(answer, conclusion)
+
+
+# ----------------------------------------------------------------------------- embedded tasks
+COLOURS = {"red": (220, 40, 40), "blue": (40, 90, 230), "green": (30, 160, 60)}
+
+
+def draw_count_task(rng: random.Random, size: int) -> tuple[Image.Image, str, int, int]:
+    """Shapes on a grid of cells (no overlaps). Returns (image, colour asked, true count, a wrong count)."""
+    colour, other = rng.sample(list(COLOURS), 2)
+    n_target, n_other = rng.randint(1, 6), rng.randint(0, 3)
+    cells_per_side = size // 14
+    cells = rng.sample(range(cells_per_side**2), n_target + n_other)
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    for i, cell in enumerate(cells):
+        x, y = 14 * (cell % cells_per_side) + 1, 14 * (cell // cells_per_side) + 1
+        fill = COLOURS[colour] if i < n_target else COLOURS[other]
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape([x, y, x + 11, y + 11], fill=fill)
+    wrong = rng.choice([k for k in range(1, 7) if k != n_target])
+    return image, colour, n_target, wrong
+
+
+def draw_bars_task(rng: random.Random, size: int) -> tuple[Image.Image, list[int], list[int]]:
+    """Three bars A, B, C (left to right). Returns (image, true heights, misread heights)."""
+    heights = rng.sample(range(1, 7), 3)
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    unit, width = (size - 8) // 6, size // 5
+    for i, h in enumerate(heights):
+        x = 6 + i * (width + size // 10)
+        draw.rectangle([x, size - 4 - h * unit, x + width, size - 4], fill=(60, 60, 60))
+    tallest, other = heights.index(max(heights)), rng.choice([i for i in range(3) if heights[i] != max(heights)])
+    misread = list(heights)
+    misread[tallest], misread[other] = misread[other], misread[tallest]  # a misreading that changes the winner
+    return image, heights, misread
+
+
+def count_thinking(colour: str, n: int) -> str:
+    return f"I count the {colour} shapes: {', '.join(str(i) for i in range(1, n + 1))}. So the answer is {n}."
+
+
+def bars_thinking(heights: list[int]) -> str:
+    listed = ", ".join(f"{'ABC'[i]} {h}" for i, h in enumerate(heights))
+    return f"Heights: {listed}. So the answer is {'ABC'[heights.index(max(heights))]}."
+
+
+def format_completion(thinking: str, answer: str) -> str:
+    return f"<think>{thinking}</think><answer>{answer}</answer>"
+
+
+def make_task(rng: random.Random, size: int, inconsistent_frac: float) -> dict:
+    """One embedded example: image, question, true answer, the consistent trace and the SFT trace.
+
+    With probability inconsistent_frac the SFT trace is inconsistent: half of those keep the right
+    thinking and state a wrong answer, the other half think wrong and still state the right answer.
+    """
+    if rng.random() < 0.5:
+        image, colour, n, wrong = draw_count_task(rng, size)
+        question, truth, wrong_answer = f"How many {colour} shapes are there?", str(n), str(wrong)
+        right_thinking, wrong_thinking = count_thinking(colour, n), count_thinking(colour, wrong)
+        family = "count"
+    else:
+        image, heights, misread = draw_bars_task(rng, size)
+        question = "Which bar is the tallest: A, B or C?"
+        truth, wrong_answer = "ABC"[heights.index(max(heights))], "ABC"[misread.index(max(misread))]
+        right_thinking, wrong_thinking, family = bars_thinking(heights), bars_thinking(misread), "bars"
+    kind = "consistent"
+    thinking, answer = right_thinking, truth
+    if rng.random() < inconsistent_frac:
+        kind = rng.choice(["right_thinking_wrong_answer", "wrong_thinking_right_answer"])
+        thinking, answer = (right_thinking, wrong_answer) if kind.startswith("right") else (wrong_thinking, truth)
+    return {
+        "image": image, "question": question, "answer": truth, "family": family,
+        "solution": format_completion(right_thinking, truth),  # the consistent, correct trace
+        "wrong_thinking": wrong_thinking,  # a plausible misreading (hard negatives for the CRM)
+        "wrong_answer": wrong_answer,
+        "sft_target": format_completion(thinking, answer),  # what SFT imitates
+        "sft_kind": kind,
+    }
+
+
+def build_embedded_dataset(cfg: Config):
+    """Deterministic by seed: the same cfg gives the same images, questions and traces."""
+    from datasets import Dataset, DatasetDict
+
+    rng = random.Random(cfg.seed)
+    train = [make_task(rng, cfg.image_size, cfg.inconsistent_frac) for _ in range(cfg.n_train)]
+    test = [make_task(rng, cfg.image_size, cfg.inconsistent_frac) for _ in range(cfg.n_test)]
+    return DatasetDict({"train": Dataset.from_list(train), "test": Dataset.from_list(test)})
+
+
+def load_real_dataset(cfg: Config):
+    """--dataset as a load_from_disk folder, a JSONL file (image paths relative to it) or a hub id."""
+    from datasets import DatasetDict, Image as ImageFeature, load_dataset, load_from_disk
+
+    source = cfg.dataset
+    if Path(source).is_dir() and any((Path(source) / f).exists() for f in ("dataset_dict.json", "dataset_info.json")):
+        data = load_from_disk(source)
+    elif source.endswith((".jsonl", ".json")):
+        if not Path(source).exists():
+            raise SystemExit(f"--dataset {source}: no such file.")
+        data = load_dataset("json", data_files={cfg.train_split: source})
+    else:
+        data = load_dataset(source)
+    if not isinstance(data, DatasetDict):
+        data = DatasetDict({cfg.train_split: data})
+    for split, ds in data.items():
+        needed = [cfg.image_column, cfg.question_column, cfg.answer_column] + [cfg.target_column] * bool(cfg.target_column)
+        for column in needed:
+            if column not in ds.column_names:
+                raise SystemExit(f"--dataset {source} (split {split}): no column '{column}'. "
+                                 f"Columns: {ds.column_names}. Name the right one with --image-column, "
+                                 f"--question-column, --answer-column or --target-column.")
+        if source.endswith((".jsonl", ".json")) and ds.features[cfg.image_column].dtype == "string":
+            base = Path(source).resolve().parent
+            ds = ds.map(lambda row: {cfg.image_column: str(base / row[cfg.image_column])})
+            data[split] = ds.cast_column(cfg.image_column, ImageFeature(decode=False))
+    if cfg.test_split not in data:  # hold out 5 % when the source has no test split
+        held = data[cfg.train_split].train_test_split(test_size=0.05, seed=cfg.seed)
+        data = DatasetDict({cfg.train_split: held["train"], cfg.test_split: held["test"]})
+    return data
+
+
+def row_image(ds, index: int, column: str) -> Image.Image:
+    """The image of one row as RGB, or an error that names the row."""
+    value = ds[index][column]
+    try:
+        if isinstance(value, dict):  # Image(decode=False): {"path", "bytes"}
+            import io
+            value = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+        return value.convert("RGB")
+    except Exception as error:
+        raise SystemExit(f"dataset row {index}: cannot read the image in column '{column}' ({error}).")
+
+
+# ----------------------------------------------------------------------------- tokenizer and tiny models
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tokenizer_corpus(seed: int) -> list[str]:
+    rng = random.Random(seed)
+    texts = [SYSTEM_PROMPT, INSTRUCTION, "system user assistant", "The final answer is"]
+    for _ in range(3000):
+        task = make_task(rng, 84, 0.0)
+        texts += [task["question"] + INSTRUCTION, task["solution"], task["wrong_thinking"], f"The final answer is {task['answer']}."]
+    return texts
+
+
+def train_bpe(seed: int, vocab_size: int = 400):
+    """Byte-level BPE with Qwen2's normaliser and pre-tokeniser, trained on the embedded texts."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(tokenizer_corpus(seed), trainer)
+    return bpe
+
+
+def build_tiny_policy(folder: Path, seed: int, bpe) -> None:
+    """A 1.3M-parameter Qwen2-VL (random init) + processor, saved like a hub checkpoint."""
+    from transformers import (Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                              Qwen2VLImageProcessorPil, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    model_json = json.loads(bpe.to_str())["model"]
+    tokenizer = Qwen2Tokenizer(vocab=model_json["vocab"], merges=[tuple(m) for m in model_json["merges"]], unk_token=None,
+                               eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left")
+    tokenizer.add_tokens(SPECIAL_TOKENS, special_tokens=True)
+    tokenizer.add_tokens(REASONING_TAGS)  # atomic, but not special: they survive skip_special_tokens
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112},
+                                               patch_size=14, temporal_patch_size=2, merge_size=2)
+    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                 video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN2VL_CHAT_TEMPLATE)
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1e6},
+                         initializer_range=0.02, bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>")),
+        vision_config=dict(depth=2, embed_dim=64, hidden_size=128, num_heads=4, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def build_tiny_crm(folder: Path, seed: int, bpe) -> None:
+    """A 0.4M-parameter ModernBERT classifier (random init) with a [CLS] a [SEP] b [SEP] tokenizer."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification, PreTrainedTokenizerFast
+
+    bpe.add_special_tokens(["[CLS]", "[SEP]", "[PAD]", "[MASK]"])
+    cls_id, sep_id = bpe.token_to_id("[CLS]"), bpe.token_to_id("[SEP]")
+    bpe.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, cls_token="[CLS]", sep_token="[SEP]",
+                                        pad_token="[PAD]", mask_token="[MASK]", padding_side="right",
+                                        model_max_length=512)
+    config = ModernBertConfig(vocab_size=bpe.get_vocab_size(), hidden_size=128, intermediate_size=256,
+                              num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+                              global_attn_every_n_layers=1, pad_token_id=bpe.token_to_id("[PAD]"),
+                              cls_token_id=cls_id, sep_token_id=sep_id, bos_token_id=cls_id, eos_token_id=sep_id,
+                              classifier_pooling="mean", num_labels=2, id2label=CRM_LABELS,
+                              label2id={v: k for k, v in CRM_LABELS.items()})
+    torch.manual_seed(seed)
+    ModernBertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+# ----------------------------------------------------------------------------- loading (same path for tiny and hub models)
+def load_policy(name_or_path: str, device: str, max_pixels: int | None = None, dtype=torch.float32):
+    """(model, processor) through the Auto classes, exactly as a hub checkpoint loads."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    image_processor = processor.image_processor
+    if max_pixels:  # cap the visual tokens: a 448x448 image is 256 of them after the 2x2 merge
+        size = image_processor.size
+        image_processor.size = {"shortest_edge": size.shortest_edge, "longest_edge": min(size.longest_edge, max_pixels)}
+    for old_name in ("min_pixels", "max_pixels"):  # legacy copies of `size` that transformers 5 warns about
+        if getattr(image_processor, old_name, None) is not None:
+            setattr(image_processor, old_name, None)
+    processor.tokenizer.padding_side = "left"  # prompts are left-padded so completions start together
+    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype).to(device)
+    return model, processor
+
+
+def load_crm(name_or_path: str, device: str, dtype=torch.float32):
+    """(classifier, tokenizer). A bare backbone gets a fresh 2-way head (consistent / inconsistent)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        name_or_path, num_labels=2, id2label=CRM_LABELS, label2id={v: k for k, v in CRM_LABELS.items()}, dtype=dtype)
+    if model.config.pad_token_id is None:  # pitfall: the classifier finds the last token through it
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.to(device), tokenizer
+
+
+def stop_token_ids(processor) -> list[int]:
+    """Every id that ends a reply (Qwen has several: <|im_end|> and <|endoftext|>)."""
+    tok = processor.tokenizer
+    ids = {tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} | {tok.eos_token_id}
+    return sorted(i for i in ids if i is not None and i != tok.unk_token_id)
+
+
+def encode_prompts(processor, images: list, questions: list[str]) -> dict:
+    """Chat-formatted, left-padded prompts with their images: the policy's input for one batch."""
+    messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q + INSTRUCTION}]}]
+                for q in questions]
+    texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+    batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    return dict(batch)
+
+
+def encode_completions(processor, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion texts (+ <|im_end|>) as right-padded ids (B, L) and their mask (B, L)."""
+    tok = processor.tokenizer
+    rows = [tok(t, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")] for t in texts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    return ids.to(device), mask.to(device)
+
+
+def completion_logprobs(model, prompt: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
+                        temperature: float = 1.0) -> torch.Tensor:
+    """log p(y_t | image, prompt, y_<t) of every completion token under logits / temperature.
+
+    prompt: encode_prompts output (left padded, on the model's device); completion_ids, completion_mask: (B, L).
+    Returns (B, L); positions where completion_mask is 0 hold meaningless values.
+    """
+    L = completion_ids.shape[1]
+    input_ids = torch.cat([prompt["input_ids"], completion_ids], dim=1)  # (B, P + L)
+    attention_mask = torch.cat([prompt["attention_mask"], completion_mask], dim=1)  # (B, P + L)
+    mm_token_type_ids = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion_ids)], dim=1)  # text = 0
+    out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=prompt["pixel_values"],
+                image_grid_thw=prompt["image_grid_thw"], mm_token_type_ids=mm_token_type_ids, logits_to_keep=L + 1)
+    logits = out.logits[:, :-1].float() / temperature  # (B, L, V): the logits at t predict token t + 1
+    return torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # (B, L)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warm-up to `peak`, then cosine decay to 10 % of it."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------- policy SFT and its check
+def sft_policy(cfg: Config, model, processor, train) -> list[float]:
+    """Teacher forcing on the traces; the loss counts completion tokens only."""
+    target = cfg.target_column or "sft_target"
+    if target not in train.column_names:
+        raise SystemExit(f"policy SFT needs completions: no column '{target}' in the train split "
+                         f"(columns: {train.column_names}). Pass --target-column, or --skip-policy-sft.")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
+    rng, losses = random.Random(cfg.seed + 1), []
+    model.train()
+    for step in (bar := tqdm(range(cfg.sft_steps), desc="policy SFT")):
+        rows = rng.sample(range(len(train)), cfg.sft_batch_size)
+        images = [row_image(train, i, cfg.image_column) for i in rows]
+        prompt = to_device(encode_prompts(processor, images, [train[i][cfg.question_column] for i in rows]), cfg.device)
+        ids, mask = encode_completions(processor, [train[i][target] for i in rows], cfg.device)
+        logprobs = completion_logprobs(model, prompt, ids, mask)  # (B, L)
+        loss = -(logprobs * mask).sum() / mask.sum()  # mean negative log-likelihood per completion token
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg.sft_steps, cfg.warmup_steps, cfg.sft_lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def greedy_check(cfg: Config, model, processor, test, n: int, batch_size: int = 50) -> dict:
+    """Greedy replies (transformers' generate) on test prompts: format rate, accuracy, oracle IR."""
+    n, stats = min(n, len(test)), {"format": 0, "correct": 0, "inconsistent": 0}
+    for start in tqdm(range(0, n, batch_size), desc="greedy check"):
+        rows = list(range(start, min(n, start + batch_size)))
+        prompt = to_device(encode_prompts(processor, [row_image(test, i, cfg.image_column) for i in rows],
+                                          [test[i][cfg.question_column] for i in rows]), cfg.device)
+        out = model.generate(**prompt, max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                             eos_token_id=stop_token_ids(processor), pad_token_id=processor.tokenizer.pad_token_id)
+        texts = processor.batch_decode(out[:, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+        for i, text in zip(rows, texts):
+            think, answer = parse_completion(text)
+            stats["format"] += think is not None and answer is not None
+            stats["correct"] += answers_match(answer, str(test[i][cfg.answer_column]))
+            stats["inconsistent"] += not oracle_consistent(think, answer)
+    return {"format_rate": stats["format"] / n, "accuracy": stats["correct"] / n,
+            "oracle_inconsistency_rate": stats["inconsistent"] / n, "n": n, "example": texts[0]}
+
+
+# ----------------------------------------------------------------------------- CRM data and SFT
+def crm_hypothesis(answer: str) -> str:
+    return f"The final answer is {answer}."
+
+
+def embedded_crm_pairs(split, seed: int) -> list[dict]:
+    """Oracle-labelled NLI pairs from the traces: consistent ones, and both kinds of inconsistent ones.
+
+    From each task: (right thinking, true answer) -> 1; (wrong thinking, wrong answer) -> 1 (consistent
+    but wrong: the CRM judges agreement, not correctness); (right thinking, wrong answer) -> 0 (a hard
+    negative: the answer swapped); (wrong thinking, true answer) -> 0.
+    """
+    rng, pairs = random.Random(seed), []
+    for row in split:
+        right, _ = parse_completion(row["solution"])
+        for thinking, answer in [(right, row["answer"]), (row["wrong_thinking"], row["wrong_answer"]),
+                                 (right, row["wrong_answer"]), (row["wrong_thinking"], row["answer"])]:
+            pairs.append({"question": row["question"], "thinking": thinking, "answer": answer,
+                          "label": int(oracle_consistent(thinking, answer))})
+    rng.shuffle(pairs)
+    return pairs
+
+
+def read_crm_jsonl(path: str) -> list[dict]:
+    """Real CRM data: one JSON object per line with question, thinking, answer and label (0/1 or a name)."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            label = row["label"]
+            label = {"inconsistent": 0, "consistent": 1}.get(label, label) if isinstance(label, str) else label
+            if label not in (0, 1, True, False):
+                raise ValueError(f"label {row['label']!r} is not 0/1/consistent/inconsistent")
+            rows.append({"question": str(row["question"]), "thinking": str(row["thinking"]),
+                         "answer": str(row["answer"]), "label": int(label)})
+        except (json.JSONDecodeError, KeyError, ValueError) as error:
+            raise SystemExit(f"{path}, line {number}: {error!r}. Each line must be a JSON object with "
+                             f"question, thinking, answer and label.")
+    return rows
+
+
+def encode_pairs(tokenizer, pairs: list[dict], device, max_length: int = 512) -> dict:
+    """premise = question + thinking, hypothesis = 'The final answer is {a}.' (truncating the premise)."""
+    premises = [f"{p['question']} {p['thinking']}" for p in pairs]
+    hypotheses = [crm_hypothesis(p["answer"]) for p in pairs]
+    batch = tokenizer(premises, hypotheses, padding=True, truncation="only_first", max_length=max_length,
+                      return_tensors="pt")
+    return to_device(dict(batch), device)
+
+
+def train_crm(cfg: Config, crm, tokenizer, pairs: list[dict]) -> list[float]:
+    """Cross-entropy on the two labels."""
+    optimizer = torch.optim.AdamW(crm.parameters(), lr=cfg.crm_lr, weight_decay=0.01)
+    rng, losses = random.Random(cfg.seed + 2), []
+    crm.train()
+    for step in (bar := tqdm(range(cfg.crm_steps), desc="CRM SFT")):
+        batch_pairs = rng.sample(pairs, min(cfg.crm_batch_size, len(pairs)))
+        inputs = encode_pairs(tokenizer, batch_pairs, cfg.device)
+        labels = torch.tensor([p["label"] for p in batch_pairs], device=cfg.device)
+        loss = torch.nn.functional.cross_entropy(crm(**inputs).logits.float(), labels)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg.crm_steps, cfg.warmup_steps, cfg.crm_lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(crm.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    crm.eval()
+    return losses
+
+
+@torch.no_grad()
+def crm_scores(crm, tokenizer, pairs: list[dict], device, batch_size: int = 64) -> list[float]:
+    """P(consistent | question, thinking, answer) for every pair, in batches."""
+    consistent = crm.config.label2id.get("consistent", 1)
+    probs = []
+    for start in range(0, len(pairs), batch_size):
+        logits = crm(**encode_pairs(tokenizer, pairs[start: start + batch_size], device)).logits.float()  # (B, 2)
+        probs += torch.softmax(logits, dim=-1)[:, consistent].tolist()
+    return probs
+
+
+def classification_report(probs: list[float], labels: list[int]) -> dict:
+    """Accuracy and F1 of the 'consistent' class at threshold 0.5."""
+    predicted = [p >= 0.5 for p in probs]
+    tp = sum(p and y for p, y in zip(predicted, labels))
+    fp = sum(p and not y for p, y in zip(predicted, labels))
+    fn = sum((not p) and y for p, y in zip(predicted, labels))
+    accuracy = sum(p == bool(y) for p, y in zip(predicted, labels)) / max(1, len(labels))
+    return {"accuracy": accuracy, "f1": 2 * tp / max(1, 2 * tp + fp + fn), "n": len(labels)}
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for field in dataclasses.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type is bool:
+            parser.add_argument(flag, action="store_true")
+        else:
+            kind = {int: int, float: float}.get(field.type, str)
+            parser.add_argument(flag, type=kind, default=field.default)
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def main(cfg: Config) -> dict:
+    started = time.time()
+    torch.manual_seed(cfg.seed)
+    run_dir = Path(cfg.runs_dir) / cfg.run
+    run_dir.mkdir(parents=True, exist_ok=True)
+    embedded = cfg.dataset is None
+
+    # 1. data
+    data = build_embedded_dataset(cfg) if embedded else load_real_dataset(cfg)
+    if (run_dir / "data").exists():
+        shutil.rmtree(run_dir / "data")
+    data.save_to_disk(str(run_dir / "data"))
+    train, test = data[cfg.train_split if not embedded else "train"], data[cfg.test_split if not embedded else "test"]
+    print(f"data: {len(train)} train / {len(test)} test -> {run_dir / 'data'}")
+
+    # 2. policy: build (embedded) or load, then SFT
+    summary = {"config": dataclasses.asdict(cfg)}
+    policy_path, crm_path = cfg.policy, cfg.crm
+    if embedded and (policy_path is None or crm_path is None):
+        bpe = train_bpe(cfg.seed)
+        if policy_path is None:
+            build_tiny_policy(run_dir / "policy_init", cfg.seed, bpe)
+            policy_path = str(run_dir / "policy_init")
+        if crm_path is None:
+            build_tiny_crm(run_dir / "crm_init", cfg.seed, bpe)
+            crm_path = str(run_dir / "crm_init")
+    crm_path = crm_path or "answerdotai/ModernBERT-large"  # the paper's CRM backbone for real runs
+    model, processor = load_policy(policy_path or "Qwen/Qwen2-VL-2B-Instruct", cfg.device, cfg.max_pixels)
+    if not cfg.skip_policy_sft:
+        losses = sft_policy(cfg, model, processor, train)
+        tenth = max(1, len(losses) // 10)
+        summary["sft_loss"] = {"first_10pct": sum(losses[:tenth]) / tenth, "last_10pct": sum(losses[-tenth:]) / tenth}
+        print(f"SFT loss: {summary['sft_loss']['first_10pct']:.3f} -> {summary['sft_loss']['last_10pct']:.3f}")
+    model.save_pretrained(run_dir / "policy_sft")
+    processor.save_pretrained(run_dir / "policy_sft")
+    summary["policy_check"] = greedy_check(cfg, model, processor, test, cfg.eval_n)
+    del model
+
+    # 3. the consistency reward model
+    crm, crm_tokenizer = load_crm(crm_path, cfg.device)
+    if cfg.crm_data:
+        pairs = read_crm_jsonl(cfg.crm_data)
+        random.Random(cfg.seed).shuffle(pairs)
+        n_held = max(1, len(pairs) // 20)
+        train_pairs, test_pairs = pairs[n_held:], pairs[:n_held]
+    elif embedded:
+        train_pairs, test_pairs = embedded_crm_pairs(train, cfg.seed), embedded_crm_pairs(test, cfg.seed)
+    else:
+        raise SystemExit("--dataset is real data, so the CRM needs --crm-data (a JSONL of question, thinking, "
+                         "answer, label rows, e.g. judged rollouts).")
+    crm_losses = train_crm(cfg, crm, crm_tokenizer, train_pairs)
+    crm.save_pretrained(run_dir / "crm")
+    crm_tokenizer.save_pretrained(run_dir / "crm")
+    report = classification_report(crm_scores(crm, crm_tokenizer, test_pairs, cfg.device), [p["label"] for p in test_pairs])
+    summary["crm"] = {**report, "final_loss": crm_losses[-1] if crm_losses else None}
+    summary["seconds"] = round(time.time() - started, 1)
+    write_json_atomic(run_dir / "stage1.json", summary)
+
+    check = summary["policy_check"]
+    print(f"\npolicy after SFT (greedy, {check['n']} test prompts): format {check['format_rate']:.1%}, "
+          f"accuracy {check['accuracy']:.1%}, oracle inconsistency rate {check['oracle_inconsistency_rate']:.1%}")
+    print(f"  e.g. {check['example']!r}")
+    print(f"CRM on {report['n']} held-out pairs: accuracy {report['accuracy']:.1%}, F1 {report['f1']:.3f}")
+    print(f"wrote {run_dir}/{{data,policy_sft,crm,stage1.json}} in {summary['seconds']:.0f} s")
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_args())

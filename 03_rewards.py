@@ -1,0 +1,143 @@
+"""Stage 3: rewards. The task reward (format + accuracy) and the consistency reward (the CRM).
+
+For completion i of a prompt with true answer y:
+
+  r_fmt_i  = format_weight  if the completion is exactly <think>...</think><answer>...</answer>
+             (whitespace around them allowed, multi-line thinking allowed, non-empty answer), else 0
+  r_acc_i  = 1  if the last <answer> matches y (numbers with tolerance, option letters, normalised
+             strings), else 0
+  r_task_i = r_acc_i + r_fmt_i
+  r_cons_i = lambda_cons * P_CRM(consistent | premise = question + thinking_i,
+                                             hypothesis = "The final answer is {answer_i}.")
+             and 0, without calling the CRM, when there is no <think> or no non-empty <answer>.
+
+The rule oracle of stage 1 (does the answer equal what the thinking concluded?) is recorded next
+to the CRM's probability for embedded tasks. It is ground truth for evaluation and analysis only;
+it is never a training reward. Malformed output (missing, nested, repeated or unclosed tags, an
+empty answer, garbage) is data: it scores 0 where it should and never raises.
+
+Reads:  runs/<run>/rollouts.jsonl (02_rollout.py), runs/<run>/crm/ (01_sft_rm.py).
+Writes: runs/<run>/rewards.jsonl, one row per prompt with one reward record per completion.
+Run:    python 03_rewards.py [--lambda-cons 1.0]
+"""
+import argparse
+import dataclasses
+import importlib.util
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+def load_stage(filename: str):
+    """Import an earlier stage by file name (a module name cannot start with a digit)."""
+    name = "stage_" + filename[:2]
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(filename))
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+stage1 = load_stage("01_sft_rm.py")
+
+
+@dataclass
+class Config:
+    run: str = "default"  # run folder: runs/<run>/
+    runs_dir: str = "runs"  # parent folder of all runs
+    crm: str | None = None  # consistency reward model; None = runs/<run>/crm
+    lambda_cons: float = 1.0  # scale of the consistency reward: r_cons in [0, lambda_cons]
+    format_weight: float = 1.0  # reward for a well-formed completion
+    crm_batch_size: int = 64  # pairs per CRM forward
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the CRM runs
+
+
+STRICT_FORMAT_RE = re.compile(r"^\s*<think>(?:(?!</?think>|</?answer>).)*</think>\s*"
+                              r"<answer>(?:(?!</?think>|</?answer>).)*\S(?:(?!</?think>|</?answer>).)*</answer>\s*$",
+                              re.DOTALL)
+
+
+def format_reward(text: str, weight: float = 1.0) -> float:
+    """`weight` for exactly one <think> block then one non-empty <answer> block, nothing else.
+
+    Example: format_reward("<think>\\n1, 2\\n</think> <answer>2</answer>") -> 1.0;
+             format_reward("<think>a</think><answer></answer>") -> 0.0 (empty answer);
+             format_reward("<think><think>a</think></think><answer>2</answer>") -> 0.0 (nested).
+    """
+    return weight if STRICT_FORMAT_RE.match(text) else 0.0
+
+
+def accuracy_reward(text: str, truth: str) -> float:
+    """1.0 when the last <answer> matches the truth, else 0.0 (no answer never matches)."""
+    _, answer = stage1.parse_completion(text)
+    return float(stage1.answers_match(answer, truth))
+
+
+def consistency_rewards(crm, tokenizer, questions: list[str], texts: list[str], lambda_cons: float,
+                        device, batch_size: int = 64) -> list[float]:
+    """lambda_cons * P(consistent) per completion; 0 (no CRM call) when think or answer is missing."""
+    parsed = [stage1.parse_completion(t) for t in texts]
+    todo = [i for i, (think, answer) in enumerate(parsed) if think is not None and answer is not None]
+    pairs = [{"question": questions[i], "thinking": parsed[i][0], "answer": parsed[i][1][:200]} for i in todo]
+    rewards = [0.0] * len(texts)
+    for i, p in zip(todo, stage1.crm_scores(crm, tokenizer, pairs, device, batch_size) if pairs else []):
+        rewards[i] = lambda_cons * p
+    return rewards
+
+
+def score_completions(texts: list[str], questions: list[str], truths: list[str], crm, crm_tokenizer,
+                      cfg: Config, embedded: bool) -> list[dict]:
+    """Every reward component for every completion (flat lists, one entry per completion)."""
+    consistency = consistency_rewards(crm, crm_tokenizer, questions, texts, cfg.lambda_cons, cfg.device,
+                                      cfg.crm_batch_size)
+    records = []
+    for text, truth, r_cons in zip(texts, truths, consistency):
+        r_fmt, r_acc = format_reward(text, cfg.format_weight), accuracy_reward(text, truth)
+        think, answer = stage1.parse_completion(text)
+        records.append({"format": r_fmt, "accuracy": r_acc, "task": r_acc + r_fmt, "consistency": r_cons,
+                        # ground truth for analysis only (embedded tasks: the traces' template)
+                        "oracle_consistent": stage1.oracle_consistent(think, answer) if embedded else None})
+    return records
+
+
+def parse_args(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for field in dataclasses.fields(Config):
+        kind = {int: int, float: float}.get(field.type, str)
+        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=field.default)
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def main(cfg: Config) -> list[dict]:
+    run_dir = Path(cfg.runs_dir) / cfg.run
+    embedded = stage1.read_stage1(run_dir)["config"]["dataset"] is None
+    prompts = stage1.read_jsonl(stage1.require(run_dir / "rollouts.jsonl", "python 02_rollout.py"))
+    crm, crm_tokenizer = stage1.load_crm(cfg.crm or str(stage1.require(run_dir / "crm", "python 01_sft_rm.py")),
+                                         cfg.device)
+    crm.eval()
+    texts = [c["text"] for p in prompts for c in p["completions"]]
+    questions = [p["question"] for p in prompts for _ in p["completions"]]
+    truths = [p["answer"] for p in prompts for _ in p["completions"]]
+    scores = score_completions(texts, questions, truths, crm, crm_tokenizer, cfg, embedded)
+
+    rows, start = [], 0
+    for p in prompts:
+        n = len(p["completions"])
+        rows.append({"row": p["row"], "question": p["question"], "answer": p["answer"], "rewards": scores[start: start + n]})
+        start += n
+    stage1.write_jsonl_atomic(run_dir / "rewards.jsonl", rows)
+
+    print(f"\n{len(scores)} completions of {len(rows)} prompts; mean reward components:")
+    for key in ("format", "accuracy", "task", "consistency"):
+        print(f"  {key:<12} {sum(s[key] for s in scores) / len(scores):.3f}")
+    if embedded:
+        print(f"  oracle inconsistency rate {sum(not s['oracle_consistent'] for s in scores) / len(scores):.3f}")
+    print(f"wrote {run_dir / 'rewards.jsonl'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,166 @@
+"""Stage 4: advantages. Plain GRPO, sum-then-normalise, and HRAS (Hybrid Reward Advantage Splitting).
+
+Rows are grouped contiguously: prompt k's G rollouts are rows k*G ... k*G+G-1.
+Within each group, with the sample standard deviation (divides by G - 1):
+
+  z(r)_i    = (r_i - mean(r)) / (std(r) + eps),   and exactly 0 when the group's rewards are all equal
+  grpo      A_i = z(r_task)_i                               (baseline: the task reward alone)
+  sum       A_i = z(r_task + r_cons)_i                      (the paper's "without HRAS" ablation)
+  hras      A_i = alpha * z(r_task)_i + beta_t * z(r_cons)_i
+
+Why HRAS: r_task is sparse (0/1/2) and r_cons continuous. Summed before normalising, in a group
+where every answer is right the continuous part alone sets the advantages at full scale, and in
+a mixed group a large lambda_cons swamps accuracy; normalising each reward in its own group
+first keeps both signals at unit scale and lets alpha, beta weigh them explicitly.
+beta_t may follow a schedule over training (constant, linear warm-up, linear decay): the paper
+mentions warm-up and decay without shapes, so these shapes are our choice.
+
+Pinned conventions (the sources leave them open; the peers disagree): sample std, eps = 1e-6,
+an all-equal group gets exactly 0, no gating by correctness.
+
+Reads:  runs/<run>/rewards.jsonl (03_rewards.py).
+Writes: runs/<run>/advantages.jsonl, one row per prompt: the advantages and both z-scores.
+Run:    python 04_hras.py [--advantage hras --alpha 1.0 --beta 1.0]
+"""
+import argparse
+import dataclasses
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+def load_stage(filename: str):
+    """Import an earlier stage by file name (a module name cannot start with a digit)."""
+    name = "stage_" + filename[:2]
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(filename))
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@dataclass
+class Config:
+    run: str = "default"  # run folder: runs/<run>/
+    runs_dir: str = "runs"  # parent folder of all runs
+    advantage: str = "hras"  # hras | grpo | sum
+    alpha: float = 1.0  # weight of the task advantage (hras)
+    beta: float = 1.0  # weight of the consistency advantage (hras), before the schedule
+    eps: float = 1e-6  # added to the group std
+
+
+def group_zscore(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """(r - group mean) / (group sample std + eps); all-equal groups get 0. rewards: (N,) -> (N,).
+
+    Example (G = 4): [1, 0, 0, 0] -> mean 0.25, sample std sqrt(0.75 / 3) = 0.5
+                     -> [1.5, -0.5, -0.5, -0.5] (to 1e-5, from eps).
+    """
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (a group of one has no baseline), got {group_size}")
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(f"expected a 1-D tensor whose length is a multiple of group_size={group_size}, "
+                         f"got shape {tuple(rewards.shape)}")
+    groups = rewards.float().view(-1, group_size)  # (K, G)
+    mean = groups.mean(dim=1, keepdim=True)  # (K, 1)
+    std = groups.std(dim=1, keepdim=True, unbiased=True)  # (K, 1)
+    z = (groups - mean) / (std + eps)  # (K, G)
+    all_equal = (groups == groups[:, :1]).all(dim=1, keepdim=True)  # (K, 1)
+    return torch.where(all_equal, torch.zeros_like(z), z).view(-1)  # (N,)
+
+
+def grpo_advantages(task_rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """Plain GRPO: the task reward alone. (N,) -> (N,)"""
+    return group_zscore(task_rewards, group_size, eps)
+
+
+def summed_advantages(task_rewards: torch.Tensor, consistency_rewards: torch.Tensor, group_size: int,
+                      eps: float = 1e-6) -> torch.Tensor:
+    """Sum the rewards, then normalise (the ablation without HRAS). (N,), (N,) -> (N,)
+
+    Example (G = 4): task [1, 1, 0, 0] + cons [0.9, 0.1, 0.8, 0.2] = [1.9, 1.1, 0.8, 0.2]
+                     -> mean 1.0, sample std sqrt(1.50 / 3) = 0.7071 -> [1.2728, 0.1414, -0.2828, -1.1314].
+    """
+    return group_zscore(task_rewards + consistency_rewards, group_size, eps)
+
+
+def hras_advantages(task_rewards: torch.Tensor, consistency_rewards: torch.Tensor, group_size: int,
+                    alpha: float = 1.0, beta: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
+    """alpha * z(task) + beta * z(consistency), each z-scored within its group. (N,), (N,) -> (N,)
+
+    Example (G = 4): task [1, 1, 0, 0] -> z = +-0.8660 (mean 0.5, std sqrt(1/3) = 0.5774);
+                     cons [0.9, 0.1, 0.8, 0.2] -> z = [0.9798, -0.9798, 0.7348, -0.7348]
+                     (mean 0.5, std sqrt(0.50 / 3) = 0.4082);  alpha = beta = 1
+                     -> [1.8458, -0.1138, -0.1312, -1.6009].
+    """
+    return alpha * group_zscore(task_rewards, group_size, eps) + beta * group_zscore(consistency_rewards, group_size, eps)
+
+
+def consistency_weight(step: int, total_steps: int, beta: float, schedule: str = "constant",
+                       warmup_steps: int = 0) -> float:
+    """beta_t: `constant` beta; `warmup` 0 -> beta linearly over warmup_steps, then beta;
+    `decay` beta linearly down to 0 at total_steps.
+
+    Example: beta = 1, total 100, warmup 10: warmup at step 5 -> 0.5, at 20 -> 1.0; decay at 25 -> 0.75.
+    """
+    if schedule == "constant":
+        return beta
+    if schedule == "warmup":
+        return beta if warmup_steps <= 0 else beta * min(1.0, step / warmup_steps)
+    if schedule == "decay":
+        return beta * max(0.0, 1.0 - step / max(1, total_steps))
+    raise ValueError(f"unknown consistency schedule {schedule!r}: use constant, warmup or decay")
+
+
+def advantages(method: str, task: torch.Tensor, consistency: torch.Tensor, group_size: int,
+               alpha: float = 1.0, beta: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
+    """Dispatch on --advantage. (N,), (N,) -> (N,)"""
+    if method == "grpo":
+        return grpo_advantages(task, group_size, eps)
+    if method == "sum":
+        return summed_advantages(task, consistency, group_size, eps)
+    if method == "hras":
+        return hras_advantages(task, consistency, group_size, alpha, beta, eps)
+    raise ValueError(f"unknown advantage {method!r}: use hras, grpo or sum")
+
+
+def parse_args(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for field in dataclasses.fields(Config):
+        kind = {int: int, float: float}.get(field.type, str)
+        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=field.default)
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def main(cfg: Config) -> list[dict]:
+    stage1 = load_stage("01_sft_rm.py")
+    run_dir = Path(cfg.runs_dir) / cfg.run
+    prompts = stage1.read_jsonl(stage1.require(run_dir / "rewards.jsonl", "python 03_rewards.py"))
+    sizes = {len(p["rewards"]) for p in prompts}
+    if len(sizes) != 1:
+        raise SystemExit(f"{run_dir / 'rewards.jsonl'}: every prompt needs the same number of completions, got {sizes}.")
+    group_size = sizes.pop()
+    task = torch.tensor([r["task"] for p in prompts for r in p["rewards"]])  # (N,)
+    consistency = torch.tensor([r["consistency"] for p in prompts for r in p["rewards"]])  # (N,)
+    adv = advantages(cfg.advantage, task, consistency, group_size, cfg.alpha, cfg.beta, cfg.eps)  # (N,)
+    task_z, cons_z = group_zscore(task, group_size, cfg.eps), group_zscore(consistency, group_size, cfg.eps)
+
+    rows = []
+    for k, p in enumerate(prompts):
+        span = slice(k * group_size, (k + 1) * group_size)
+        rows.append({"row": p["row"], "advantages": [round(a, 6) for a in adv[span].tolist()],
+                     "task_z": [round(a, 6) for a in task_z[span].tolist()],
+                     "consistency_z": [round(a, 6) for a in cons_z[span].tolist()]})
+    stage1.write_jsonl_atomic(run_dir / "advantages.jsonl", rows)
+
+    zero_groups = sum(all(a == 0 for a in r["advantages"]) for r in rows)
+    print(f"\n{cfg.advantage} advantages for {len(rows)} groups of {group_size}: mean {adv.mean():.4f}, "
+          f"std {adv.std():.4f}, min {adv.min():.3f}, max {adv.max():.3f}; {zero_groups} groups all zero")
+    print(f"wrote {run_dir / 'advantages.jsonl'}")
+    return rows
+
+
+if __name__ == "__main__":
+    main(parse_args())

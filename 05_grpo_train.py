@@ -1,0 +1,321 @@
+"""Stage 5: the training loop. GRPO with the consistency reward, combined by HRAS (CORA).
+
+Each step, in one visible loop:
+  1. sample P prompts from the train split
+  2. roll out G completions per prompt (stage 2's sampler)              -> ids, old log-probs
+  3. score them (stage 3): r_task = r_acc + r_fmt, r_cons = lambda * P_CRM(consistent)
+  4. advantages (stage 4): --advantage hras | grpo | sum, beta_t from its schedule
+  5. update the policy on the clipped surrogate, token-mean over the whole batch:
+
+     ratio_t = exp(log pi(y_t) - log pi_old(y_t))          (both under logits / temperature)
+     L = - sum_{i,t} m_it [ min(ratio_t A_i, clip(ratio_t, 1 - eps_low, 1 + eps_high) A_i)
+                            - kl_beta * KL3_t ] / sum_{i,t} m_it
+     KL3_t = exp(ref_t - new_t) - (ref_t - new_t) - 1      (k3 estimator, >= 0, to a frozen reference)
+
+Why the loss reads ~0: on-policy (the first update on a fresh batch) ratio = 1 and the advantages
+of each group sum to zero, so the loss value is ~0 while its gradient, sum A_i grad log pi, is not.
+Watch the rewards, not the loss.
+pi_old is the sampler's own log-probs of the same weights (stage 2 records them), not a second
+forward pass: equal in fp32 (a test checks it); under bf16 they differ by rounding only.
+
+Reads:  runs/<run>/{data,policy_sft,crm}/ and stage1.json (01_sft_rm.py).
+Writes: runs/<run>/<name>/ with metrics.jsonl (one line per step), samples.jsonl (decoded
+        completions every --sample-every steps), checkpoint/ (every --checkpoint-every steps,
+        atomic; --resume continues from it), policy/ (the final weights), summary.json.
+Run:    python 05_grpo_train.py --advantage hras      # CORA;   --advantage grpo | sum for the baselines
+"""
+import argparse
+import dataclasses
+import importlib.util
+import json
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+
+def load_stage(filename: str):
+    """Import an earlier stage by file name (a module name cannot start with a digit)."""
+    name = "stage_" + filename[:2]
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(filename))
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+stage1, stage2, stage3, stage4 = (load_stage(f) for f in ("01_sft_rm.py", "02_rollout.py", "03_rewards.py", "04_hras.py"))
+
+
+@dataclass
+class Config:
+    run: str = "default"  # run folder: runs/<run>/ (stage 1's outputs live there)
+    runs_dir: str = "runs"  # parent folder of all runs
+    name: str | None = None  # output folder runs/<run>/<name>/; None = "<advantage>_seed<seed>"
+    init: str | None = None  # policy to start from; None = runs/<run>/policy_sft
+    crm: str | None = None  # consistency reward model; None = runs/<run>/crm
+    # rewards and advantages
+    advantage: str = "hras"  # hras (CORA) | grpo (task reward only) | sum (sum, then normalise)
+    lambda_cons: float = 1.0  # r_cons = lambda_cons * P(consistent)
+    format_weight: float = 1.0  # r_fmt for a well-formed completion
+    alpha: float = 1.0  # weight of the task advantage (hras)
+    beta: float = 1.0  # weight of the consistency advantage (hras), before its schedule
+    beta_schedule: str = "constant"  # constant | warmup | decay
+    beta_warmup_steps: int = 0  # length of the warm-up (beta_schedule warmup)
+    eps: float = 1e-6  # added to the group std
+    # rollouts
+    steps: int = 100  # optimiser steps (one batch of rollouts each)
+    prompts_per_step: int = 8  # P: prompts per step
+    group_size: int = 8  # G: completions per prompt
+    max_new_tokens: int = 64  # completion budget
+    temperature: float = 1.0  # sampling temperature (also divides the logits in the update)
+    top_k: int = 0  # sampler top-k (0 = off)
+    top_p: float = 1.0  # sampler top-p (1 = off)
+    # update
+    lr: float = 2e-4  # AdamW learning rate, after a 5-step linear warm-up (tiny model; ~1e-6 for 2B+)
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # max global gradient norm
+    clip_low: float = 0.2  # ratio clipped below at 1 - clip_low
+    clip_high: float = 0.2  # ratio clipped above at 1 + clip_high
+    kl_beta: float = 0.0  # weight of the k3 KL to the frozen initial policy (0 = no reference model)
+    updates_per_batch: int = 1  # optimiser steps per batch of rollouts (>1: off-policy, the clip matters)
+    micro_batch_size: int = 64  # completions per forward/backward (gradient accumulation over the batch)
+    gradient_checkpointing: bool = False  # trade compute for memory on real models
+    # bookkeeping
+    checkpoint_every: int = 25  # steps between checkpoints
+    sample_every: int = 25  # steps between dumps of decoded completions
+    resume: bool = False  # continue from runs/<run>/<name>/checkpoint
+    stop_after: int = 0  # stop after this many steps in this process, as if killed (tests of --resume)
+    seed: int = 0  # seeds prompt order and sampling
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the policy trains
+
+
+# ----------------------------------------------------------------------------- the update
+def prompt_rows(prompt: dict, index: list[int]) -> dict:
+    """Rows `index` of a prompt batch (repeats allowed); pixel_values is a flat list of patches, so it
+    is split per image (image_grid_thw.prod) and regathered. One image per prompt."""
+    patches = prompt["pixel_values"].split(prompt["image_grid_thw"].prod(-1).tolist())  # B chunks of (n_i, D)
+    idx = torch.tensor(index, device=prompt["input_ids"].device)
+    picked = {k: prompt[k][idx] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw")}
+    return {**picked, "pixel_values": torch.cat([patches[i] for i in index])}
+
+
+def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                mask: torch.Tensor, clip_low: float, clip_high: float, kl_beta: float = 0.0,
+                ref_logprobs: torch.Tensor | None = None, n_tokens: int | None = None) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate with optional k3 KL, summed over tokens and divided by n_tokens (the token
+    count of the whole batch, so micro-batches add up to a token mean). logprobs, mask: (B, L); advantages: (B,)."""
+    mask = mask.float()
+    n_tokens = n_tokens or int(mask.sum())
+    ratio = torch.exp(new_logprobs - old_logprobs)  # (B, L)
+    adv = advantages.unsqueeze(1)  # (B, 1): a sequence's advantage applies to each of its tokens
+    surrogate = torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_low, 1 + clip_high) * adv)  # (B, L)
+    per_token = -surrogate
+    kl = torch.zeros_like(new_logprobs)
+    if kl_beta > 0:
+        log_ratio_ref = ref_logprobs - new_logprobs  # (B, L)
+        kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1  # k3: unbiased, always >= 0
+        per_token = per_token + kl_beta * kl
+    loss = (per_token * mask).sum() / n_tokens
+    clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))  # the clip is active
+    stats = {"kl": float((kl * mask).sum()), "clipped": float((clipped.float() * mask).sum())}
+    return loss, stats
+
+
+def update(cfg: Config, model, reference, optimizer, scheduler, prompt: dict, ids, mask, old_logprobs,
+           advantages) -> dict:
+    """updates_per_batch optimiser steps over the batch, each accumulated over micro-batches."""
+    N, n_tokens = ids.shape[0], int(mask.sum())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ids.is_cuda else nullcontext()
+    totals = {"loss": 0.0, "kl": 0.0, "clipped": 0.0}
+    model.train()
+    for _ in range(cfg.updates_per_batch):
+        optimizer.zero_grad(set_to_none=True)
+        for start in range(0, N, cfg.micro_batch_size):
+            rows = list(range(start, min(N, start + cfg.micro_batch_size)))
+            sub = prompt_rows(prompt, [r // cfg.group_size for r in rows])  # row r belongs to prompt r // G
+            with autocast:
+                new = stage1.completion_logprobs(model, sub, ids[rows], mask[rows], cfg.temperature)  # (b, L)
+                ref = None
+                if cfg.kl_beta > 0:
+                    with torch.no_grad():
+                        ref = stage1.completion_logprobs(reference, sub, ids[rows], mask[rows], cfg.temperature)
+            loss, stats = policy_loss(new, old_logprobs[rows], advantages[rows], mask[rows], cfg.clip_low,
+                                      cfg.clip_high, cfg.kl_beta, ref, n_tokens)
+            loss.backward()
+            totals["loss"] += loss.item()
+            totals["kl"] += stats["kl"] / n_tokens
+            totals["clipped"] += stats["clipped"] / n_tokens
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+    model.eval()
+    return {k: v / cfg.updates_per_batch for k, v in totals.items()}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def save_checkpoint(out_dir: Path, model, processor, optimizer, scheduler, step: int, rng_states: dict) -> None:
+    """Write checkpoint.tmp/, then swap it in: a kill at any moment leaves one complete checkpoint."""
+    tmp, final, old = out_dir / "checkpoint.tmp", out_dir / "checkpoint", out_dir / "checkpoint.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                **rng_states}, tmp / "trainer_state.pt")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    for folder in (out_dir / "checkpoint", out_dir / "checkpoint.old"):  # .old: killed mid-swap
+        if (folder / "trainer_state.pt").exists():
+            return folder
+    return None
+
+
+def step_metrics(scores: list[dict], crm_probs: list[float], lengths, truncated, advantages, group_size: int,
+                 old_logprobs, mask) -> dict:
+    """The rollout-side numbers logged every step (see the README for what each one means)."""
+    n = len(scores)
+    mean = lambda key: sum(s[key] for s in scores) / n  # noqa: E731
+    zero_groups = (advantages.view(-1, group_size) == 0).all(dim=1).float().mean().item()
+    return {"reward_format": mean("format"), "reward_accuracy": mean("accuracy"), "reward_task": mean("task"),
+            "reward_consistency": mean("consistency"),
+            "accuracy": mean("accuracy"), "format_rate": sum(s["format"] > 0 for s in scores) / n,
+            "crm_consistency": sum(crm_probs) / n,
+            "oracle_inconsistency_rate": (sum(not s["oracle_consistent"] for s in scores) / n
+                                          if scores[0]["oracle_consistent"] is not None else None),
+            "entropy": float(-(old_logprobs * mask).sum() / mask.sum()),  # sample estimate of the token entropy
+            "completion_length": float(lengths.float().mean()), "truncation_rate": float(truncated.float().mean()),
+            "zero_variance_groups": zero_groups}
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for field in dataclasses.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type is bool:
+            parser.add_argument(flag, action="store_true")
+        else:
+            parser.add_argument(flag, type={int: int, float: float}.get(field.type, str), default=field.default)
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def main(cfg: Config) -> dict:
+    from datasets import load_from_disk
+
+    run_dir = Path(cfg.runs_dir) / cfg.run
+    stage1_config = stage1.read_stage1(run_dir)["config"]
+    embedded = stage1_config["dataset"] is None
+    columns = stage2.data_columns(stage1_config)
+    train = load_from_disk(str(stage1.require(run_dir / "data", "python 01_sft_rm.py")))[stage1_config["train_split"]]
+    out_dir = run_dir / (cfg.name or f"{cfg.advantage}_seed{cfg.seed}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    init = cfg.init or str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))
+
+    # models: the policy, an optional frozen reference, the frozen CRM
+    checkpoint = latest_checkpoint(out_dir) if cfg.resume else None
+    model, processor = stage1.load_policy(str(checkpoint or init), cfg.device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.eval()
+    reference = stage1.load_policy(init, cfg.device)[0].eval().requires_grad_(False) if cfg.kl_beta > 0 else None
+    crm, crm_tokenizer = stage1.load_crm(cfg.crm or str(stage1.require(run_dir / "crm", "python 01_sft_rm.py")), cfg.device)
+    crm.eval().requires_grad_(False)
+    reward_cfg = stage3.Config(lambda_cons=cfg.lambda_cons, format_weight=cfg.format_weight, device=cfg.device)
+    stop_ids, forbidden = stage1.stop_token_ids(processor), stage2.forbidden_token_ids(processor)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 5))  # 5-step warm-up
+    prompt_rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    start_step = 0
+    if checkpoint:
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        prompt_rng.setstate(state["prompt_rng"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start_step = state["step"]
+        print(f"resumed from {checkpoint} at step {start_step}")
+    metrics_path = out_dir / "metrics.jsonl"
+    kept = [r for r in stage1.read_jsonl(metrics_path) if r["step"] < start_step] if metrics_path.exists() else []
+    stage1.write_jsonl_atomic(metrics_path, kept)  # a resumed run rewrites the steps after its checkpoint
+    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+    started, steps_this_run = time.time(), 0
+    for step in (bar := tqdm(range(start_step, cfg.steps), desc=f"{cfg.advantage} seed {cfg.seed}", initial=start_step,
+                             total=cfg.steps)):
+        # 1-2. prompts and rollouts
+        rows = prompt_rng.sample(range(len(train)), cfg.prompts_per_step)
+        images = [stage1.row_image(train, i, columns["image"]) for i in rows]
+        questions = [train[i][columns["question"]] for i in rows]
+        prompt = stage1.to_device(stage1.encode_prompts(processor, images, questions), cfg.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16) if cfg.device.startswith("cuda") else nullcontext():
+            ids, mask, old_logprobs, truncated = stage2.sample_completions(
+                model, prompt, cfg.group_size, cfg.max_new_tokens, stop_ids, forbidden,
+                processor.tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+        texts = processor.batch_decode(ids, skip_special_tokens=True)  # padding and stop tokens are special: skipped
+        # 3. rewards
+        group_questions = [q for q in questions for _ in range(cfg.group_size)]
+        truths = [str(train[i][columns["answer"]]) for i in rows for _ in range(cfg.group_size)]
+        scores = stage3.score_completions(texts, group_questions, truths, crm, crm_tokenizer, reward_cfg, embedded)
+        task = torch.tensor([s["task"] for s in scores], device=cfg.device)  # (N,)
+        consistency = torch.tensor([s["consistency"] for s in scores], device=cfg.device)  # (N,)
+        # 4. advantages
+        beta_t = stage4.consistency_weight(step, cfg.steps, cfg.beta, cfg.beta_schedule, cfg.beta_warmup_steps)
+        advantages = stage4.advantages(cfg.advantage, task, consistency, cfg.group_size, cfg.alpha, beta_t, cfg.eps)
+        # 5. update
+        losses = update(cfg, model, reference, optimizer, scheduler, prompt, ids, mask, old_logprobs, advantages)
+
+        crm_probs = [s["consistency"] / cfg.lambda_cons if cfg.lambda_cons else 0.0 for s in scores]
+        row = {"step": step + 1, **step_metrics(scores, crm_probs, mask.sum(1), truncated, advantages,
+                                                 cfg.group_size, old_logprobs, mask),
+               **losses, "beta_t": beta_t, "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - started, 2)}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.set_postfix(acc=f"{row['accuracy']:.2f}", cons=f"{row['crm_consistency']:.2f}", kl=f"{row['kl']:.3f}")
+        if (step + 1) % cfg.sample_every == 0:
+            with open(out_dir / "samples.jsonl", "a") as f:
+                for i in range(0, len(texts), cfg.group_size * 2):
+                    f.write(json.dumps({"step": step + 1, "question": group_questions[i], "answer": truths[i],
+                                        "completion": texts[i], **scores[i]}) + "\n")
+        steps_this_run += 1
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            save_checkpoint(out_dir, model, processor, optimizer, scheduler, step + 1,
+                            {"prompt_rng": prompt_rng.getstate(), "generator": generator.get_state(),
+                             "torch_rng": torch.get_rng_state()})
+        if cfg.stop_after and steps_this_run >= cfg.stop_after:
+            print(f"stopping after {steps_this_run} steps (--stop-after)")
+            return {}
+
+    model.save_pretrained(out_dir / "policy")
+    processor.save_pretrained(out_dir / "policy")
+    history = stage1.read_jsonl(metrics_path)
+    last = history[-10:]
+    summary = {k: sum(r[k] for r in last) / len(last) for k in ("accuracy", "crm_consistency", "reward_task", "kl")}
+    if embedded:
+        summary["oracle_inconsistency_rate"] = sum(r["oracle_inconsistency_rate"] for r in last) / len(last)
+    summary["first_10_steps_accuracy"] = sum(r["accuracy"] for r in history[:10]) / len(history[:10])
+    stage1.write_json_atomic(out_dir / "summary.json", summary)
+    print(f"\n{cfg.advantage}: rollout accuracy {summary['first_10_steps_accuracy']:.3f} (first 10 steps) -> "
+          f"{summary['accuracy']:.3f} (last 10); CRM consistency {summary['crm_consistency']:.3f}"
+          + (f"; oracle IR {summary['oracle_inconsistency_rate']:.3f}" if embedded else ""))
+    print(f"wrote {out_dir}/{{metrics.jsonl,samples.jsonl,policy}}")
+    return summary
+
+
+if __name__ == "__main__":
+    main(parse_args())

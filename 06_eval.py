@@ -1,0 +1,266 @@
+"""Stage 6: evaluation, curves, and the end-to-end experiment (SFT vs GRPO vs CORA vs sum).
+
+For each checkpoint, on the test split, K sampled completions per prompt (temperature T, the
+training temperature; --temperature 0 = one greedy completion):
+
+  accuracy          share of completions whose <answer> matches the truth
+  format rate       share that is exactly <think>...</think><answer>...</answer>
+  IR (CRM)          inconsistency rate by the consistency reward model: P(consistent) < 0.5
+                    (nothing to parse counts as inconsistent)
+  IR (oracle)       inconsistency rate by the rule oracle (embedded tasks): answer != what the
+                    thinking concluded
+  CC CW IC IW       consistent/inconsistent x correct/wrong shares (oracle when there is one, else CRM)
+  length            mean completion length in tokens
+
+Why sampled, not greedy, by default: on the embedded tasks the SFT policy's greedy replies are
+almost always consistent (the mode of a 75/25 mixture is the consistent trace), while its samples
+are inconsistent ~30 % of the time. RL trains on samples, and the sampled IR is what GRPO changes.
+
+--reproduce runs the whole embedded experiment in one command: stage 1 once, then stage 5 with
+--advantage grpo, hras and sum from the same SFT checkpoint with the same seeds, prompts and budget
+(resumable: finished runs are kept, killed ones resume), then this evaluation on all of them, and
+prints one table (mean +- standard error over seeds).
+
+Reads:  runs/<run>/{data,crm,policy_sft}/, runs/<run>/<name>/{policy,metrics.jsonl} (stages 1 and 5).
+Writes: runs/<run>/eval.json, runs/<run>/eval.md, runs/<run>/curves.png.
+Run:    python 06_eval.py                      # every checkpoint found under runs/default
+        python 06_eval.py --reproduce          # the whole experiment, ~25 min on 2 CPU cores
+"""
+import argparse
+import dataclasses
+import importlib.util
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+
+def load_stage(filename: str):
+    """Import an earlier stage by file name (a module name cannot start with a digit)."""
+    name = "stage_" + filename[:2]
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(filename))
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+stage1, stage2, stage3, stage5 = (load_stage(f) for f in ("01_sft_rm.py", "02_rollout.py", "03_rewards.py",
+                                                           "05_grpo_train.py"))
+
+
+@dataclass
+class Config:
+    run: str = "default"  # run folder: runs/<run>/
+    runs_dir: str = "runs"  # parent folder of all runs
+    checkpoints: str = ""  # "name=path,name=path"; empty = policy_sft and every runs/<run>/*/policy
+    n: int = 200  # test prompts
+    samples: int = 4  # completions per prompt (1 when greedy)
+    temperature: float = 1.0  # sampling temperature; 0 = greedy
+    max_new_tokens: int = 64  # completion budget
+    prompts_per_batch: int = 50  # prompts per generation batch
+    seed: int = 1234  # sampling seed, the same for every checkpoint
+    # --reproduce
+    reproduce: bool = False  # run stage 1, stage 5 for every method and seed, then evaluate all
+    methods: str = "grpo,hras,sum"  # advantages to train with
+    seeds: str = "0,1,2"  # training seeds
+    train_steps: int = 80  # stage 5 steps per run
+    scale: int = 1  # multiply train_steps and prompts per step (e.g. 4 on a GPU)
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where models run
+
+
+# ----------------------------------------------------------------------------- metrics
+def eval_metrics(records: list[dict]) -> dict:
+    """Aggregate per-completion records {accuracy, format, crm_prob, oracle_consistent, length}.
+
+    Example: records (acc, oracle) = (1, True), (1, False), (0, True), (0, True) with crm_prob
+    0.9, 0.2, 0.6, 0.4 -> accuracy 0.5, IR oracle 0.25, IR CRM 0.5 (0.2 and 0.4 < 0.5),
+    CC 0.25, CW 0.5, IC 0.25, IW 0.
+    """
+    n = len(records)
+    oracle = records[0]["oracle_consistent"] is not None
+    consistent = [r["oracle_consistent"] if oracle else r["crm_prob"] >= 0.5 for r in records]
+    correct = [r["accuracy"] > 0 for r in records]
+    share = lambda flags: sum(flags) / n  # noqa: E731
+    return {
+        "accuracy": share(correct), "format_rate": share(r["format"] > 0 for r in records),
+        "ir_crm": share(r["crm_prob"] < 0.5 for r in records),
+        "ir_oracle": share(not r["oracle_consistent"] for r in records) if oracle else None,
+        "CC": share(c and k for c, k in zip(consistent, correct)), "CW": share(c and not k for c, k in zip(consistent, correct)),
+        "IC": share(k and not c for c, k in zip(consistent, correct)),
+        "IW": share(not c and not k for c, k in zip(consistent, correct)),
+        "length": sum(r["length"] for r in records) / n, "n": n}
+
+
+@torch.no_grad()
+def evaluate(model, processor, test, columns: dict, crm, crm_tokenizer, cfg: Config, embedded: bool) -> dict:
+    """Sample, score and aggregate one checkpoint on the first cfg.n test prompts."""
+    samples = cfg.samples if cfg.temperature > 0 else 1
+    gen_cfg = stage2.Config(group_size=samples, prompts_per_batch=cfg.prompts_per_batch, max_new_tokens=cfg.max_new_tokens,
+                            temperature=cfg.temperature, device=cfg.device)
+    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    if samples == 1:  # greedy: a group of one (stage 2 allows it; only the advantages need G >= 2)
+        gen_cfg.temperature = 0.0
+    prompts = stage2.rollout_prompts(model, processor, test, list(range(min(cfg.n, len(test)))), columns, gen_cfg, generator)
+    texts = [c["text"] for p in prompts for c in p["completions"]]
+    questions = [p["question"] for p in prompts for _ in p["completions"]]
+    truths = [p["answer"] for p in prompts for _ in p["completions"]]
+    reward_cfg = stage3.Config(lambda_cons=1.0, device=cfg.device)  # lambda 1: the consistency reward is P itself
+    scores = stage3.score_completions(texts, questions, truths, crm, crm_tokenizer, reward_cfg, embedded)
+    lengths = [c["length"] for p in prompts for c in p["completions"]]
+    records = [{**s, "crm_prob": s["consistency"], "length": n} for s, n in zip(scores, lengths)]
+    return eval_metrics(records)
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample std / sqrt(n); 0 for one value)."""
+    m = sum(values) / len(values)
+    if len(values) < 2:
+        return m, 0.0
+    return m, math.sqrt(sum((v - m) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+
+def markdown_table(results: dict[str, list[dict]]) -> str:
+    """One row per method; cells 'mean +- se' over the checkpoints of that method (its seeds)."""
+    keys = ["accuracy", "ir_oracle", "ir_crm", "format_rate", "CC", "CW", "IC", "IW", "length"]
+    keys = [k for k in keys if all(r.get(k) is not None for rs in results.values() for r in rs)]
+    lines = ["| checkpoint | runs | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for name, rows in results.items():
+        cells = []
+        for k in keys:
+            m, se = mean_se([r[k] for r in rows])
+            cells.append(f"{m:.1f}" if k == "length" else (f"{100 * m:.1f} ± {100 * se:.1f}" if len(rows) > 1 else f"{100 * m:.1f}"))
+        lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- curves (drawn with Pillow)
+COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
+
+
+def moving_average(values: list[float], window: int = 10) -> list[float]:
+    return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
+
+
+def plot_curves(panels: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> None:
+    """One panel per metric, one line per run (moving average of 10 steps), saved as a PNG."""
+    width, height, pad = 420, 300, 40
+    image = Image.new("RGB", (width * len(panels), height + 20 * 4), "white")
+    draw = ImageDraw.Draw(image)
+    names = sorted({name for series in panels.values() for name in series})
+    for p, (title, series) in enumerate(panels.items()):
+        x0 = p * width
+        points = [pt for s in series.values() for pt in s]
+        if not points:
+            continue
+        max_step = max(s for s, _ in points)
+        lo, hi = min(v for _, v in points), max(v for _, v in points)
+        lo, hi = (lo - 0.05, hi + 0.05) if hi - lo < 1e-9 else (lo, hi)
+        to_xy = lambda s, v: (x0 + pad + (width - 2 * pad) * s / max(1, max_step),  # noqa: E731
+                              height - pad - (height - 2 * pad) * (v - lo) / (hi - lo))
+        draw.rectangle([x0 + pad, pad, x0 + width - pad, height - pad], outline=(0, 0, 0))
+        draw.text((x0 + pad, 10), title, fill=(0, 0, 0))
+        draw.text((x0 + 2, pad - 5), f"{hi:.2f}", fill=(0, 0, 0))
+        draw.text((x0 + 2, height - pad - 5), f"{lo:.2f}", fill=(0, 0, 0))
+        draw.text((x0 + width - pad - 30, height - pad + 5), f"step {max_step}", fill=(0, 0, 0))
+        for name, pts in series.items():
+            smooth = moving_average([v for _, v in pts])
+            draw.line([to_xy(s, v) for (s, _), v in zip(pts, smooth)], fill=COLOURS[names.index(name) % len(COLOURS)], width=2)
+    for i, name in enumerate(names):
+        draw.text((10 + 200 * (i % 4), height + 5 + 20 * (i // 4)), name, fill=COLOURS[i % len(COLOURS)])
+    tmp = path.with_suffix(".tmp.png")
+    image.save(tmp)
+    tmp.replace(path)
+
+
+def training_curves(run_dir: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """accuracy, oracle IR and CRM consistency against step, for every stage-5 run under run_dir."""
+    panels = {"rollout accuracy": {}, "rollout IR (oracle)": {}, "rollout CRM consistency": {}}
+    keys = {"rollout accuracy": "accuracy", "rollout IR (oracle)": "oracle_inconsistency_rate",
+            "rollout CRM consistency": "crm_consistency"}
+    for metrics in sorted(run_dir.glob("*/metrics.jsonl")):
+        rows = stage1.read_jsonl(metrics)
+        for title, key in keys.items():
+            if rows and rows[0].get(key) is not None:
+                panels[title][metrics.parent.name] = [(r["step"], r[key]) for r in rows]
+    return panels
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for field in dataclasses.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type is bool:
+            parser.add_argument(flag, action="store_true")
+        else:
+            parser.add_argument(flag, type={int: int, float: float}.get(field.type, str), default=field.default)
+    return Config(**vars(parser.parse_args(argv)))
+
+
+def reproduce(cfg: Config) -> None:
+    """Stage 1 once, then every (method, seed) run of stage 5 from the same SFT checkpoint."""
+    run_dir = Path(cfg.runs_dir) / cfg.run
+    if not (run_dir / "stage1.json").exists():
+        stage1.main(stage1.Config(run=cfg.run, runs_dir=cfg.runs_dir, device=cfg.device))
+    for method in cfg.methods.split(","):
+        for seed in (int(s) for s in cfg.seeds.split(",")):
+            name = f"{method}_seed{seed}"
+            if (run_dir / name / "summary.json").exists():
+                print(f"{name}: done already, kept")
+                continue
+            stage5.main(stage5.Config(run=cfg.run, runs_dir=cfg.runs_dir, name=name, advantage=method, seed=seed,
+                                      steps=cfg.train_steps * cfg.scale, prompts_per_step=8 * cfg.scale,
+                                      resume=True, device=cfg.device))
+
+
+def main(cfg: Config) -> dict:
+    from datasets import load_from_disk
+
+    started = time.time()
+    run_dir = Path(cfg.runs_dir) / cfg.run
+    if cfg.reproduce:
+        reproduce(cfg)
+    stage1_config = stage1.read_stage1(run_dir)["config"]
+    embedded = stage1_config["dataset"] is None
+    test = load_from_disk(str(stage1.require(run_dir / "data", "python 01_sft_rm.py")))[stage1_config["test_split"]]
+    if cfg.checkpoints:
+        checkpoints = dict(item.split("=", 1) for item in cfg.checkpoints.split(","))
+    else:
+        checkpoints = {"sft": str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))}
+        checkpoints |= {p.parent.name: str(p) for p in sorted(run_dir.glob("*/policy"))}
+    crm, crm_tokenizer = stage1.load_crm(str(stage1.require(run_dir / "crm", "python 01_sft_rm.py")), cfg.device)
+    crm.eval()
+
+    per_checkpoint = {}
+    for name, path in tqdm(checkpoints.items(), desc="evaluating"):
+        model, processor = stage1.load_policy(path, cfg.device)
+        per_checkpoint[name] = evaluate(model.eval(), processor, test, stage2.data_columns(stage1_config), crm,
+                                        crm_tokenizer, cfg, embedded)
+        del model
+    grouped: dict[str, list[dict]] = {}
+    for name, metrics in per_checkpoint.items():  # "hras_seed1" -> "hras"
+        grouped.setdefault(name.split("_seed")[0], []).append(metrics)
+    table = markdown_table(grouped)
+    mode = f"{cfg.samples} samples at T={cfg.temperature}" if cfg.temperature > 0 else "greedy"
+    header = (f"Test split, first {min(cfg.n, len(test))} prompts, {mode}. Cells: % (mean ± standard error over "
+              f"training seeds); IR = inconsistency rate; CC/CW/IC/IW = consistent/inconsistent x correct/wrong "
+              f"({'oracle' if embedded else 'CRM'}).\n\n")
+    stage1.write_json_atomic(run_dir / "eval.json", {"config": dataclasses.asdict(cfg), "checkpoints": per_checkpoint})
+    (run_dir / "eval.md").write_text(header + table + "\n")
+    panels = training_curves(run_dir)
+    if any(panels.values()):
+        plot_curves(panels, run_dir / "curves.png")
+    print("\n" + header + table)
+    print(f"\nwrote {run_dir}/eval.json, eval.md, curves.png in {time.time() - started:.0f} s")
+    return per_checkpoint
+
+
+if __name__ == "__main__":
+    main(parse_args())

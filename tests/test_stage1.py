@@ -1,0 +1,155 @@
+"""Stage 1: task generator, parsing and the rule oracle, tiny models through the Auto classes, SFT, CRM, bad input."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+
+def test_generator_is_deterministic_by_seed(stage1):
+    cfg = stage1.Config(n_train=20, n_test=5, seed=3)
+    a, b = stage1.build_embedded_dataset(cfg), stage1.build_embedded_dataset(cfg)
+    other = stage1.build_embedded_dataset(stage1.Config(n_train=20, n_test=5, seed=4))
+    for split in ("train", "test"):
+        assert a[split]["sft_target"] == b[split]["sft_target"]
+        assert [im.tobytes() for im in a[split]["image"]] == [im.tobytes() for im in b[split]["image"]]
+    assert a["train"]["sft_target"] != other["train"]["sft_target"]
+
+
+def test_oracle_agrees_with_how_traces_were_made(stage1):
+    data = stage1.build_embedded_dataset(stage1.Config(n_train=400, n_test=0, inconsistent_frac=0.5))["train"]
+    kinds = set()
+    for row in data:
+        think, answer = stage1.parse_completion(row["solution"])
+        assert answer == row["answer"] and stage1.oracle_consistent(think, answer)  # the solution is consistent
+        think, answer = stage1.parse_completion(row["sft_target"])
+        assert stage1.oracle_consistent(think, answer) == (row["sft_kind"] == "consistent")
+        assert stage1.answers_match(answer, row["answer"]) == (row["sft_kind"] != "right_thinking_wrong_answer")
+        kinds.add(row["sft_kind"])
+    assert kinds == {"consistent", "right_thinking_wrong_answer", "wrong_thinking_right_answer"}
+    share = sum(k != "consistent" for k in data["sft_kind"]) / len(data)
+    assert 0.4 < share < 0.6  # inconsistent_frac 0.5
+
+
+def test_images_show_the_answer(stage1):
+    """The tallest bar in pixels is the answer; the count task draws as many coloured shapes as it says."""
+    data = stage1.build_embedded_dataset(stage1.Config(n_train=60, n_test=0))["train"]
+    for row in data:
+        image = row["image"].convert("RGB")
+        if row["family"] == "bars":
+            w, h = image.size
+            tops = []
+            for x0 in (6 + i * (w // 5 + w // 10) + 2 for i in range(3)):  # a column inside each bar
+                dark = [y for y in range(h) if image.getpixel((x0, y))[0] < 100]
+                tops.append(min(dark))
+            assert "ABC"[tops.index(min(tops))] == row["answer"]
+        else:
+            colour = stage1.COLOURS[row["question"].split()[2]]
+            cells = {(x // 14, y // 14) for x in range(0, 84) for y in range(0, 84) if image.getpixel((x, y)) == colour}
+            assert len(cells) == int(row["answer"])
+
+
+@pytest.mark.parametrize("text, think, answer", [
+    ("<think>1, 2. So the answer is 2.</think><answer>2</answer>", "1, 2. So the answer is 2.", "2"),
+    ("<think>a</think><answer>1</answer><answer> 3 </answer>", "a", "3"),  # the last answer counts
+    ("<think>\nline one\nline two\n</think>\n<answer>B</answer>", "line one\nline two", "B"),  # multi-line
+    ("<think>a</think><answer>   </answer>", "a", None),  # an empty answer is no answer
+    ("<think>unclosed <answer>4", None, None),
+    ("", None, None),
+])
+def test_parse_completion(stage1, text, think, answer):
+    assert stage1.parse_completion(text) == (think, answer)
+
+
+def test_answers_match_and_oracle(stage1):
+    assert stage1.answers_match("3.0", "3") and stage1.answers_match(" b. ", "B") and stage1.answers_match("(C)", "c")
+    assert not stage1.answers_match("4", "3") and not stage1.answers_match(None, "3") and not stage1.answers_match("", "")
+    assert stage1.oracle_consistent("I count: 1, 2, 3. So the answer is 3.", "3")
+    assert not stage1.oracle_consistent("I count: 1, 2, 3. So the answer is 3.", "4")
+    assert not stage1.oracle_consistent("no conclusion here", "3")  # nothing concluded: not supported
+    assert stage1.thinking_conclusion("the answer is 2. Wait, the answer is B.") == "B"  # the last one
+
+
+def test_tiny_models_round_trip_through_auto_classes(tiny_run, stage1):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model, processor = stage1.load_policy(str(tiny_run["dir"] / "policy_sft"), "cpu")
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    reloaded = AutoTokenizer.from_pretrained(tiny_run["dir"] / "policy_sft")
+    text = "<think>I count the red shapes: 1, 2. So the answer is 2.</think><answer>2</answer><|im_end|>"
+    assert reloaded.decode(reloaded(text)["input_ids"]) == text
+    assert len(reloaded.tokenize("<think>")) == 1  # the reasoning tags are atomic
+    crm = AutoModelForSequenceClassification.from_pretrained(tiny_run["dir"] / "crm")
+    assert crm.config.id2label[1] == "consistent" and type(crm).__name__ == "ModernBertForSequenceClassification"
+    crm_tok = AutoTokenizer.from_pretrained(tiny_run["dir"] / "crm")
+    ids = crm_tok("premise text", "The final answer is 3.")["input_ids"]
+    assert ids[0] == crm_tok.cls_token_id and ids.count(crm_tok.sep_token_id) == 2
+
+
+def test_qwen25_vl_loads_and_generates(tiny_qwen25, stage1):
+    model, processor = stage1.load_policy(str(tiny_qwen25), "cpu")
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    prompt = stage1.encode_prompts(processor, [Image.new("RGB", (84, 84), "white")], ["How many red shapes are there?"])
+    out = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id)
+    assert out.shape == (1, prompt["input_ids"].shape[1] + 4)
+
+
+def test_sft_loss_falls_and_the_check_reports(tiny_run):
+    summary = tiny_run["summary"]
+    assert summary["sft_loss"]["last_10pct"] < 0.5 * summary["sft_loss"]["first_10pct"]
+    check = summary["policy_check"]
+    assert check["n"] == 20 and 0.0 <= check["accuracy"] <= 1.0 and check["format_rate"] > 0.5
+
+
+def test_crm_beats_chance_on_a_short_run(stage1, tiny_run, tmp_path):
+    from datasets import load_from_disk
+
+    data = load_from_disk(str(tiny_run["dir"] / "data"))
+    cfg = stage1.Config(crm_steps=250, crm_batch_size=32, device="cpu")
+    stage1.build_tiny_crm(tmp_path / "crm", 0, stage1.train_bpe(0))
+    crm, tok = stage1.load_crm(str(tmp_path / "crm"), "cpu")
+    stage1.train_crm(cfg, crm, tok, stage1.embedded_crm_pairs(data["train"], 0))
+    held_out = stage1.embedded_crm_pairs(data["test"], 0)  # 160 balanced pairs
+    report = stage1.classification_report(stage1.crm_scores(crm, tok, held_out, "cpu"), [p["label"] for p in held_out])
+    assert report["accuracy"] > 0.65  # chance is 0.5
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_unknown_column_names_it_and_the_columns(stage1, tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"img": "a.png", "q": "How many?", "a": "3"}) + "\n")
+    with pytest.raises(SystemExit, match=r"no column 'image'.*\['img', 'q', 'a'\].*--image-column"):
+        stage1.load_real_dataset(stage1.Config(dataset=str(path)))
+
+
+def test_unreadable_image_names_the_row(stage1, tmp_path):
+    Image.new("RGB", (28, 28)).save(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_text("not an image")
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"image": name, "question": "q?", "answer": "1"}) + "\n"
+                            for name in ["good.png", "bad.png"]))
+    data = stage1.load_real_dataset(stage1.Config(dataset=str(path), test_split="train"))["train"]
+    assert stage1.row_image(data, 0, "image").size == (28, 28)
+    with pytest.raises(SystemExit, match="row 1: cannot read the image"):
+        stage1.row_image(data, 1, "image")
+
+
+def test_malformed_crm_jsonl_names_the_line(stage1, tmp_path):
+    path = tmp_path / "labels.jsonl"
+    good = {"question": "q", "thinking": "t", "answer": "a", "label": "consistent"}
+    path.write_text(json.dumps(good) + "\n" + '{"question": "q", "thinking": \n')
+    with pytest.raises(SystemExit, match="labels.jsonl, line 2"):
+        stage1.read_crm_jsonl(str(path))
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "label": "maybe"}) + "\n")
+    with pytest.raises(SystemExit, match="line 2.*maybe"):
+        stage1.read_crm_jsonl(str(path))
+    path.write_text(json.dumps(good) + "\n")
+    assert stage1.read_crm_jsonl(str(path))[0]["label"] == 1
+
+
+def test_missing_earlier_stage_says_which_command(tmp_path):
+    from conftest import load_stage
+
+    stage2 = load_stage("02_rollout.py")
+    with pytest.raises(SystemExit, match="python 01_sft_rm.py"):
+        stage2.main(stage2.Config(runs_dir=str(tmp_path), run="nothing"))
