@@ -84,9 +84,9 @@ class Config:
     # consistency reward model
     crm: str | None = None  # hub id / folder of an encoder; None = tiny ModernBERT (real runs: ModernBERT-large)
     crm_data: str | None = None  # JSONL of {question, thinking, answer, label} rows (real runs)
-    crm_steps: int = 400  # optimiser steps of CRM SFT
+    crm_steps: int = 2000  # optimiser steps of CRM SFT
     crm_batch_size: int = 64  # pairs per CRM step
-    crm_lr: float = 1e-3  # peak AdamW learning rate (tiny model; use ~2e-5 for ModernBERT-large)
+    crm_lr: float = 5e-4  # peak AdamW learning rate (tiny model; use ~2e-5 for ModernBERT-large)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -404,7 +404,7 @@ def build_tiny_crm(folder: Path, seed: int, bpe) -> None:
                               num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
                               global_attn_every_n_layers=1, pad_token_id=bpe.token_to_id("[PAD]"),
                               cls_token_id=cls_id, sep_token_id=sep_id, bos_token_id=cls_id, eos_token_id=sep_id,
-                              classifier_pooling="mean", num_labels=2, id2label=CRM_LABELS,
+                              classifier_pooling="cls", num_labels=2, id2label=CRM_LABELS,
                               label2id={v: k for k, v in CRM_LABELS.items()})
     torch.manual_seed(seed)
     ModernBertForSequenceClassification(config).save_pretrained(folder)
@@ -643,16 +643,16 @@ def classification_report(probs: list[float], labels: list[int]) -> dict:
 
 
 # ----------------------------------------------------------------------------- main
-def parse_args(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for field in dataclasses.fields(Config):
+def parse_config(config_class, description: str, argv=None):
+    """A flag per dataclass field (--sft-steps for sft_steps); booleans are switches. Used by every stage."""
+    parser = argparse.ArgumentParser(description=description)
+    for field in dataclasses.fields(config_class):
         flag = "--" + field.name.replace("_", "-")
         if field.type is bool:
             parser.add_argument(flag, action="store_true")
         else:
-            kind = {int: int, float: float}.get(field.type, str)
-            parser.add_argument(flag, type=kind, default=field.default)
-    return Config(**vars(parser.parse_args(argv)))
+            parser.add_argument(flag, type={int: int, float: float}.get(field.type, str), default=field.default)
+    return config_class(**vars(parser.parse_args(argv)))
 
 
 def main(cfg: Config) -> dict:
@@ -723,4 +723,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main(parse_config(Config, __doc__.split("\n")[0]))

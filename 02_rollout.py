@@ -20,7 +20,6 @@ Reads:  runs/<run>/policy_sft/ (or --policy), runs/<run>/data/ and stage1.json (
 Writes: runs/<run>/rollouts.jsonl, one row per prompt with its G completions.
 Run:    python 02_rollout.py [--n-prompts 16 --group-size 8 --temperature 1.0]
 """
-import argparse
 import dataclasses
 import importlib.util
 import random
@@ -119,7 +118,6 @@ def sample_completions(model, prompt: dict, group_size: int, max_new_tokens: int
     logprobs = torch.zeros((N, max_new_tokens), device=device)  # (N, L)
     finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
     stop = torch.tensor(stop_ids, device=device)
-    steps = 0
     for t in range(max_new_tokens):  # 3. decode
         logits = logits.float()  # (N, V)
         recorded = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)  # (N, V)
@@ -134,7 +132,6 @@ def sample_completions(model, prompt: dict, group_size: int, max_new_tokens: int
         ids[:, t], mask[:, t] = token, (~finished).long()
         logprobs[:, t] = recorded.gather(-1, token.unsqueeze(-1)).squeeze(-1) * (~finished)
         finished = finished | torch.isin(token, stop)  # 4. the stop token itself stays in the completion
-        steps = t + 1
         if (t + 1) % stop_check_every == 0 and bool(finished.all()):  # a host sync only every k steps
             break
         if t + 1 == max_new_tokens:
@@ -171,7 +168,8 @@ def rollout_prompts(model, processor, data, rows: list[int], columns: dict, cfg,
     """Roll out G completions for each data row; returns one dict per prompt (the rollouts.jsonl rows)."""
     stop_ids, forbidden = stage1.stop_token_ids(processor), forbidden_token_ids(processor)
     records = []
-    for start in range(0, len(rows), cfg.prompts_per_batch):
+    for start in tqdm(range(0, len(rows), cfg.prompts_per_batch), desc="rollouts", leave=False,
+                      disable=len(rows) <= cfg.prompts_per_batch):  # a bar only when there are several batches
         chunk = rows[start: start + cfg.prompts_per_batch]
         images = [stage1.row_image(data, i, columns["image"]) for i in chunk]
         prompt = stage1.to_device(stage1.encode_prompts(processor, images, [data[i][columns["question"]] for i in chunk]),
@@ -190,14 +188,6 @@ def rollout_prompts(model, processor, data, rows: list[int], columns: dict, cfg,
 def data_columns(stage1_config: dict) -> dict:
     return {"image": stage1_config["image_column"], "question": stage1_config["question_column"],
             "answer": stage1_config["answer_column"]}
-
-
-def parse_args(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for field in dataclasses.fields(Config):
-        kind = {int: int, float: float}.get(field.type, str)
-        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=field.default)
-    return Config(**vars(parser.parse_args(argv)))
 
 
 def main(cfg: Config) -> list[dict]:
@@ -231,4 +221,4 @@ def main(cfg: Config) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main(stage1.parse_config(Config, __doc__.split("\n")[0]))

@@ -20,8 +20,6 @@ Reads:  runs/<run>/rollouts.jsonl (02_rollout.py), runs/<run>/crm/ (01_sft_rm.py
 Writes: runs/<run>/rewards.jsonl, one row per prompt with one reward record per completion.
 Run:    python 03_rewards.py [--lambda-cons 1.0]
 """
-import argparse
-import dataclasses
 import importlib.util
 import re
 import sys
@@ -103,14 +101,6 @@ def score_completions(texts: list[str], questions: list[str], truths: list[str],
     return records
 
 
-def parse_args(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for field in dataclasses.fields(Config):
-        kind = {int: int, float: float}.get(field.type, str)
-        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=field.default)
-    return Config(**vars(parser.parse_args(argv)))
-
-
 def main(cfg: Config) -> list[dict]:
     run_dir = Path(cfg.runs_dir) / cfg.run
     embedded = stage1.read_stage1(run_dir)["config"]["dataset"] is None
@@ -140,4 +130,4 @@ def main(cfg: Config) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main(stage1.parse_config(Config, __doc__.split("\n")[0]))

@@ -22,8 +22,6 @@ Reads:  runs/<run>/rewards.jsonl (03_rewards.py).
 Writes: runs/<run>/advantages.jsonl, one row per prompt: the advantages and both z-scores.
 Run:    python 04_hras.py [--advantage hras --alpha 1.0 --beta 1.0]
 """
-import argparse
-import dataclasses
 import importlib.util
 import sys
 from dataclasses import dataclass
@@ -40,6 +38,9 @@ def load_stage(filename: str):
         sys.modules[name] = module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+stage1 = load_stage("01_sft_rm.py")
 
 
 @dataclass
@@ -126,16 +127,7 @@ def advantages(method: str, task: torch.Tensor, consistency: torch.Tensor, group
     raise ValueError(f"unknown advantage {method!r}: use hras, grpo or sum")
 
 
-def parse_args(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for field in dataclasses.fields(Config):
-        kind = {int: int, float: float}.get(field.type, str)
-        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=field.default)
-    return Config(**vars(parser.parse_args(argv)))
-
-
 def main(cfg: Config) -> list[dict]:
-    stage1 = load_stage("01_sft_rm.py")
     run_dir = Path(cfg.runs_dir) / cfg.run
     prompts = stage1.read_jsonl(stage1.require(run_dir / "rewards.jsonl", "python 03_rewards.py"))
     sizes = {len(p["rewards"]) for p in prompts}
@@ -163,4 +155,4 @@ def main(cfg: Config) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main(stage1.parse_config(Config, __doc__.split("\n")[0]))

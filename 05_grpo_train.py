@@ -24,7 +24,6 @@ Writes: runs/<run>/<name>/ with metrics.jsonl (one line per step), samples.jsonl
         atomic; --resume continues from it), policy/ (the final weights), summary.json.
 Run:    python 05_grpo_train.py --advantage hras      # CORA;   --advantage grpo | sum for the baselines
 """
-import argparse
 import dataclasses
 import importlib.util
 import json
@@ -124,7 +123,7 @@ def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
         per_token = per_token + kl_beta * kl
     loss = (per_token * mask).sum() / n_tokens
     clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))  # the clip is active
-    stats = {"kl": float((kl * mask).sum()), "clipped": float((clipped.float() * mask).sum())}
+    stats = {"kl": float((kl.detach() * mask).sum()), "clipped": float((clipped.float() * mask).sum())}
     return loss, stats
 
 
@@ -200,17 +199,6 @@ def step_metrics(scores: list[dict], crm_probs: list[float], lengths, truncated,
 
 
 # ----------------------------------------------------------------------------- main
-def parse_args(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for field in dataclasses.fields(Config):
-        flag = "--" + field.name.replace("_", "-")
-        if field.type is bool:
-            parser.add_argument(flag, action="store_true")
-        else:
-            parser.add_argument(flag, type={int: int, float: float}.get(field.type, str), default=field.default)
-    return Config(**vars(parser.parse_args(argv)))
-
-
 def main(cfg: Config) -> dict:
     from datasets import load_from_disk
 
@@ -251,7 +239,7 @@ def main(cfg: Config) -> dict:
         start_step = state["step"]
         print(f"resumed from {checkpoint} at step {start_step}")
     metrics_path = out_dir / "metrics.jsonl"
-    kept = [r for r in stage1.read_jsonl(metrics_path) if r["step"] < start_step] if metrics_path.exists() else []
+    kept = [r for r in stage1.read_jsonl(metrics_path) if r["step"] <= start_step] if metrics_path.exists() else []
     stage1.write_jsonl_atomic(metrics_path, kept)  # a resumed run rewrites the steps after its checkpoint
     (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
@@ -318,4 +306,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main(stage1.parse_config(Config, __doc__.split("\n")[0]))

@@ -26,10 +26,8 @@ Writes: runs/<run>/eval.json, runs/<run>/eval.md, runs/<run>/curves.png.
 Run:    python 06_eval.py                      # every checkpoint found under runs/default
         python 06_eval.py --reproduce          # the whole experiment, ~25 min on 2 CPU cores
 """
-import argparse
 import dataclasses
 import importlib.util
-import json
 import math
 import sys
 import time
@@ -193,17 +191,6 @@ def training_curves(run_dir: Path) -> dict[str, dict[str, list[tuple[int, float]
 
 
 # ----------------------------------------------------------------------------- main
-def parse_args(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for field in dataclasses.fields(Config):
-        flag = "--" + field.name.replace("_", "-")
-        if field.type is bool:
-            parser.add_argument(flag, action="store_true")
-        else:
-            parser.add_argument(flag, type={int: int, float: float}.get(field.type, str), default=field.default)
-    return Config(**vars(parser.parse_args(argv)))
-
-
 def reproduce(cfg: Config) -> None:
     """Stage 1 once, then every (method, seed) run of stage 5 from the same SFT checkpoint."""
     run_dir = Path(cfg.runs_dir) / cfg.run
@@ -263,4 +250,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    main(stage1.parse_config(Config, __doc__.split("\n")[0]))

