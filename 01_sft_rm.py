@@ -20,7 +20,8 @@ things every later stage needs:
               in RL (stage 3) is r_cons = lambda_cons * P(consistent | q, t, a).
               Paper: ModernBERT-large trained on ~90K judged rollouts. Embedded default: a tiny
               ModernBERT trained on the oracle-labelled traces plus hard negatives (the answer
-              swapped for a wrong one). Deviation: oracle labels instead of a GPT-5 judge.
+              swapped for a wrong one) plus the SFT policy's own sampled rollouts, labelled by the
+              oracle (the paper's recipe: judged rollouts). Deviation: the oracle as the judge, not GPT-5.
 
 Embedded tasks ("count" and "bars", 84x84 px):
   count  "How many red shapes are there?"  1-6 shapes of the colour asked, 0-3 of another.
@@ -87,6 +88,9 @@ class Config:
     crm_steps: int = 2000  # optimiser steps of CRM SFT
     crm_batch_size: int = 64  # pairs per CRM step
     crm_lr: float = 5e-4  # peak AdamW learning rate (tiny model; use ~2e-5 for ModernBERT-large)
+    crm_rollout_prompts: int = 1000  # embedded: train prompts whose SFT-policy rollouts join the CRM data
+    crm_rollout_samples: int = 4  # embedded: rollouts per prompt
+    crm_rollout_temperature: float = 1.3  # embedded: their temperature (above 1: more drifted text)
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -552,21 +556,58 @@ def crm_hypothesis(answer: str) -> str:
     return f"The final answer is {answer}."
 
 
+def with_conclusion(thinking: str, conclusion: str) -> str:
+    """The thinking with its last 'answer is X.' replaced, so its steps and its conclusion disagree.
+
+    Example: with_conclusion("I count: 1, 2. So the answer is 2.", "5") -> "I count: 1, 2. So the answer is 5."
+    """
+    head, found, _ = thinking.rpartition("answer is ")
+    return f"{head}{found}{conclusion}." if found else thinking
+
+
 def embedded_crm_pairs(split, seed: int) -> list[dict]:
     """Oracle-labelled NLI pairs from the traces: consistent ones, and both kinds of inconsistent ones.
 
     From each task: (right thinking, true answer) -> 1; (wrong thinking, wrong answer) -> 1 (consistent
     but wrong: the CRM judges agreement, not correctness); (right thinking, wrong answer) -> 0 (a hard
-    negative: the answer swapped); (wrong thinking, true answer) -> 0.
+    negative: the answer swapped); (wrong thinking, true answer) -> 0; and a thinking whose steps say one
+    thing and whose conclusion another, with either answer (the label follows the conclusion), so the
+    CRM cannot get by with reading the steps.
     """
     rng, pairs = random.Random(seed), []
     for row in split:
         right, _ = parse_completion(row["solution"])
+        mixed = with_conclusion(right, row["wrong_answer"])
         for thinking, answer in [(right, row["answer"]), (row["wrong_thinking"], row["wrong_answer"]),
-                                 (right, row["wrong_answer"]), (row["wrong_thinking"], row["answer"])]:
+                                 (right, row["wrong_answer"]), (row["wrong_thinking"], row["answer"]),
+                                 (mixed, row["wrong_answer"]), (mixed, row["answer"])]:
             pairs.append({"question": row["question"], "thinking": thinking, "answer": answer,
                           "label": int(oracle_consistent(thinking, answer))})
     rng.shuffle(pairs)
+    return pairs
+
+
+@torch.no_grad()
+def policy_rollout_pairs(cfg: Config, model, processor, split, n_prompts: int, seed: int) -> list[dict]:
+    """The paper's recipe in miniature: the policy's own sampled rollouts, labelled by a judge (here the
+    rule oracle). A CRM that has only seen clean templates is easy to fool with drifted text (measured:
+    see the README). Rollouts with nothing to parse are skipped: they get r_cons = 0 without the CRM."""
+    rows = random.Random(seed).sample(range(len(split)), min(n_prompts, len(split)))
+    torch.manual_seed(seed)
+    pairs = []
+    for start in tqdm(range(0, len(rows), 50), desc="CRM data: policy rollouts"):
+        chunk = rows[start: start + 50]
+        prompt = to_device(encode_prompts(processor, [row_image(split, i, cfg.image_column) for i in chunk],
+                                          [split[i][cfg.question_column] for i in chunk]), cfg.device)
+        out = model.generate(**prompt, max_new_tokens=cfg.max_new_tokens, do_sample=True, top_k=0, top_p=1.0,
+                             temperature=cfg.crm_rollout_temperature, num_return_sequences=cfg.crm_rollout_samples,
+                             eos_token_id=stop_token_ids(processor), pad_token_id=processor.tokenizer.pad_token_id)
+        texts = processor.batch_decode(out[:, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+        for j, text in enumerate(texts):
+            think, answer = parse_completion(text)
+            if think is not None and answer is not None:
+                pairs.append({"question": split[chunk[j // cfg.crm_rollout_samples]][cfg.question_column],
+                              "thinking": think, "answer": answer, "label": int(oracle_consistent(think, answer))})
     return pairs
 
 
@@ -700,8 +741,14 @@ def main(cfg: Config) -> dict:
         random.Random(cfg.seed).shuffle(pairs)
         n_held = max(1, len(pairs) // 20)
         train_pairs, test_pairs = pairs[n_held:], pairs[:n_held]
-    elif embedded:
-        train_pairs, test_pairs = embedded_crm_pairs(train, cfg.seed), embedded_crm_pairs(test, cfg.seed)
+    elif embedded:  # templates with hard negatives, plus the SFT policy's rollouts judged by the oracle
+        model, processor = load_policy(str(run_dir / "policy_sft"), cfg.device)
+        rollouts = {name: policy_rollout_pairs(cfg, model.eval(), processor, split, n, cfg.seed)
+                    for name, split, n in [("train", train, cfg.crm_rollout_prompts), ("test", test, len(test))]}
+        del model
+        train_pairs = embedded_crm_pairs(train, cfg.seed) + rollouts["train"]
+        random.Random(cfg.seed).shuffle(train_pairs)
+        test_pairs = embedded_crm_pairs(test, cfg.seed)
     else:
         raise SystemExit("--dataset is real data, so the CRM needs --crm-data (a JSONL of question, thinking, "
                          "answer, label rows, e.g. judged rollouts).")
@@ -710,6 +757,11 @@ def main(cfg: Config) -> dict:
     crm_tokenizer.save_pretrained(run_dir / "crm")
     report = classification_report(crm_scores(crm, crm_tokenizer, test_pairs, cfg.device), [p["label"] for p in test_pairs])
     summary["crm"] = {**report, "final_loss": crm_losses[-1] if crm_losses else None}
+    if embedded and not cfg.crm_data:
+        rollout_report = classification_report(crm_scores(crm, crm_tokenizer, rollouts["test"], cfg.device),
+                                               [p["label"] for p in rollouts["test"]])
+        summary["crm_on_policy_rollouts"] = {**rollout_report, "n_train": len(rollouts["train"]),
+                                             "consistent_share": sum(p["label"] for p in rollouts["test"]) / max(1, len(rollouts["test"]))}
     summary["seconds"] = round(time.time() - started, 1)
     write_json_atomic(run_dir / "stage1.json", summary)
 
@@ -718,6 +770,10 @@ def main(cfg: Config) -> dict:
           f"accuracy {check['accuracy']:.1%}, oracle inconsistency rate {check['oracle_inconsistency_rate']:.1%}")
     print(f"  e.g. {check['example']!r}")
     print(f"CRM on {report['n']} held-out pairs: accuracy {report['accuracy']:.1%}, F1 {report['f1']:.3f}")
+    if "crm_on_policy_rollouts" in summary:
+        r = summary["crm_on_policy_rollouts"]
+        print(f"CRM on {r['n']} held-out SFT-policy rollouts (oracle labels, {r['consistent_share']:.0%} consistent): "
+              f"accuracy {r['accuracy']:.1%}, F1 {r['f1']:.3f}")
     print(f"wrote {run_dir}/{{data,policy_sft,crm,stage1.json}} in {summary['seconds']:.0f} s")
     return summary
 

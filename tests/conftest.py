@@ -32,7 +32,7 @@ def tiny_run(tmp_path_factory, stage1):
     """runs/<tmp>/tiny: data, a briefly fine-tuned policy, a briefly trained CRM, stage1.json."""
     runs_dir = tmp_path_factory.mktemp("runs")
     cfg = stage1.Config(run="tiny", runs_dir=str(runs_dir), n_train=300, n_test=40, sft_steps=60,
-                        sft_batch_size=16, crm_steps=60, eval_n=20, max_new_tokens=48, device="cpu")
+                        sft_batch_size=16, crm_steps=60, eval_n=20, crm_rollout_prompts=20, max_new_tokens=48, device="cpu")
     summary = stage1.main(cfg)
     return {"cfg": cfg, "dir": runs_dir / "tiny", "summary": summary}
 
