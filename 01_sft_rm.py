@@ -532,8 +532,9 @@ def sft_policy(cfg: Config, model, processor, train) -> list[float]:
 
 
 @torch.no_grad()
-def greedy_check(cfg: Config, model, processor, test, n: int, batch_size: int = 50) -> dict:
-    """Greedy replies (transformers' generate) on test prompts: format rate, accuracy, oracle IR."""
+def greedy_check(cfg: Config, model, processor, test, n: int, embedded: bool, batch_size: int = 50) -> dict:
+    """Greedy replies (transformers' generate) on test prompts: format rate, accuracy, and (embedded
+    tasks only: the rule oracle reads our templates) the inconsistency rate."""
     n, stats = min(n, len(test)), {"format": 0, "correct": 0, "inconsistent": 0}
     for start in tqdm(range(0, n, batch_size), desc="greedy check"):
         rows = list(range(start, min(n, start + batch_size)))
@@ -548,7 +549,7 @@ def greedy_check(cfg: Config, model, processor, test, n: int, batch_size: int = 
             stats["correct"] += answers_match(answer, str(test[i][cfg.answer_column]))
             stats["inconsistent"] += not oracle_consistent(think, answer)
     return {"format_rate": stats["format"] / n, "accuracy": stats["correct"] / n,
-            "oracle_inconsistency_rate": stats["inconsistent"] / n, "n": n, "example": texts[0]}
+            "oracle_inconsistency_rate": stats["inconsistent"] / n if embedded else None, "n": n, "example": texts[0]}
 
 
 # ----------------------------------------------------------------------------- CRM data and SFT
@@ -702,6 +703,9 @@ def main(cfg: Config) -> dict:
     run_dir = Path(cfg.runs_dir) / cfg.run
     run_dir.mkdir(parents=True, exist_ok=True)
     embedded = cfg.dataset is None
+    if not embedded and not cfg.crm_data:  # say so now, not after an hour of policy SFT
+        raise SystemExit("--dataset is real data, so the CRM needs --crm-data (a JSONL of question, thinking, "
+                         "answer, label rows, e.g. judged rollouts).")
 
     # 1. data
     data = build_embedded_dataset(cfg) if embedded else load_real_dataset(cfg)
@@ -731,33 +735,28 @@ def main(cfg: Config) -> dict:
         print(f"SFT loss: {summary['sft_loss']['first_10pct']:.3f} -> {summary['sft_loss']['last_10pct']:.3f}")
     model.save_pretrained(run_dir / "policy_sft")
     processor.save_pretrained(run_dir / "policy_sft")
-    summary["policy_check"] = greedy_check(cfg, model, processor, test, cfg.eval_n)
-    del model
+    summary["policy_check"] = greedy_check(cfg, model, processor, test, cfg.eval_n, embedded)
 
-    # 3. the consistency reward model
-    crm, crm_tokenizer = load_crm(crm_path, cfg.device)
-    if cfg.crm_data:
+    # 3. the consistency reward model: its data, then SFT
+    if cfg.crm_data:  # real runs: judged rollouts, 5 % held out
         pairs = read_crm_jsonl(cfg.crm_data)
         random.Random(cfg.seed).shuffle(pairs)
         n_held = max(1, len(pairs) // 20)
         train_pairs, test_pairs = pairs[n_held:], pairs[:n_held]
     elif embedded:  # templates with hard negatives, plus the SFT policy's rollouts judged by the oracle
-        model, processor = load_policy(str(run_dir / "policy_sft"), cfg.device)
-        rollouts = {name: policy_rollout_pairs(cfg, model.eval(), processor, split, n, cfg.seed)
+        rollouts = {name: policy_rollout_pairs(cfg, model, processor, split, n, cfg.seed)
                     for name, split, n in [("train", train, cfg.crm_rollout_prompts), ("test", test, len(test))]}
-        del model
         train_pairs = embedded_crm_pairs(train, cfg.seed) + rollouts["train"]
         random.Random(cfg.seed).shuffle(train_pairs)
         test_pairs = embedded_crm_pairs(test, cfg.seed)
-    else:
-        raise SystemExit("--dataset is real data, so the CRM needs --crm-data (a JSONL of question, thinking, "
-                         "answer, label rows, e.g. judged rollouts).")
+    del model
+    crm, crm_tokenizer = load_crm(crm_path, cfg.device)
     crm_losses = train_crm(cfg, crm, crm_tokenizer, train_pairs)
     crm.save_pretrained(run_dir / "crm")
     crm_tokenizer.save_pretrained(run_dir / "crm")
     report = classification_report(crm_scores(crm, crm_tokenizer, test_pairs, cfg.device), [p["label"] for p in test_pairs])
     summary["crm"] = {**report, "final_loss": crm_losses[-1] if crm_losses else None}
-    if embedded and not cfg.crm_data:
+    if embedded and not cfg.crm_data:  # the harder test: text the policy really writes
         rollout_report = classification_report(crm_scores(crm, crm_tokenizer, rollouts["test"], cfg.device),
                                                [p["label"] for p in rollouts["test"]])
         summary["crm_on_policy_rollouts"] = {**rollout_report, "n_train": len(rollouts["train"]),
@@ -767,7 +766,8 @@ def main(cfg: Config) -> dict:
 
     check = summary["policy_check"]
     print(f"\npolicy after SFT (greedy, {check['n']} test prompts): format {check['format_rate']:.1%}, "
-          f"accuracy {check['accuracy']:.1%}, oracle inconsistency rate {check['oracle_inconsistency_rate']:.1%}")
+          f"accuracy {check['accuracy']:.1%}" + (f", oracle inconsistency rate {check['oracle_inconsistency_rate']:.1%}"
+                                                 if embedded else ""))
     print(f"  e.g. {check['example']!r}")
     print(f"CRM on {report['n']} held-out pairs: accuracy {report['accuracy']:.1%}, F1 {report['f1']:.3f}")
     if "crm_on_policy_rollouts" in summary:

@@ -117,7 +117,7 @@ def sample_completions(model, prompt: dict, group_size: int, max_new_tokens: int
     mask = torch.zeros((N, max_new_tokens), dtype=torch.long, device=device)  # (N, L)
     logprobs = torch.zeros((N, max_new_tokens), device=device)  # (N, L)
     finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
-    stop = torch.tensor(stop_ids, device=device)
+    stop, cache_name = torch.tensor(stop_ids, device=device), cache_kwarg(model)
     for t in range(max_new_tokens):  # 3. decode
         logits = logits.float()  # (N, V)
         recorded = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)  # (N, V)
@@ -138,7 +138,7 @@ def sample_completions(model, prompt: dict, group_size: int, max_new_tokens: int
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(N, 1)], dim=1)  # (N, P + t + 1)
         out = model(input_ids=token.unsqueeze(-1), attention_mask=attention_mask, position_ids=next_position,
-                    use_cache=True, **{cache_kwarg(model): cache})
+                    use_cache=True, **{cache_name: cache})
         logits, next_position = out.logits[:, -1], next_position + 1
     length = int(mask.sum(dim=1).max())  # drop columns that only hold padding
     return ids[:, :length], mask[:, :length], logprobs[:, :length], ~finished

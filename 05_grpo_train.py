@@ -238,10 +238,11 @@ def main(cfg: Config) -> dict:
         torch.set_rng_state(state["torch_rng"])
         start_step = state["step"]
         print(f"resumed from {checkpoint} at step {start_step}")
-    metrics_path = out_dir / "metrics.jsonl"
-    kept = [r for r in stage1.read_jsonl(metrics_path) if r["step"] <= start_step] if metrics_path.exists() else []
-    stage1.write_jsonl_atomic(metrics_path, kept)  # a resumed run rewrites the steps after its checkpoint
-    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    metrics_path, samples_path = out_dir / "metrics.jsonl", out_dir / "samples.jsonl"
+    for path in (metrics_path, samples_path):  # a resumed run redoes (and relogs) the steps after its checkpoint
+        kept = [r for r in stage1.read_jsonl(path) if r["step"] <= start_step] if path.exists() else []
+        stage1.write_jsonl_atomic(path, kept)
+    stage1.write_json_atomic(out_dir / "config.json", dataclasses.asdict(cfg))
 
     started, steps_this_run = time.time(), 0
     for step in (bar := tqdm(range(start_step, cfg.steps), desc=f"{cfg.advantage} seed {cfg.seed}", initial=start_step,
@@ -276,7 +277,7 @@ def main(cfg: Config) -> dict:
             f.write(json.dumps(row) + "\n")
         bar.set_postfix(acc=f"{row['accuracy']:.2f}", cons=f"{row['crm_consistency']:.2f}", kl=f"{row['kl']:.3f}")
         if (step + 1) % cfg.sample_every == 0:
-            with open(out_dir / "samples.jsonl", "a") as f:
+            with open(samples_path, "a") as f:
                 for i in range(0, len(texts), cfg.group_size * 2):
                     f.write(json.dumps({"step": step + 1, "question": group_questions[i], "answer": truths[i],
                                         "completion": texts[i], **scores[i]}) + "\n")

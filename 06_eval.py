@@ -147,11 +147,13 @@ def moving_average(values: list[float], window: int = 10) -> list[float]:
 
 
 def plot_curves(panels: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> None:
-    """One panel per metric, one line per run (moving average of 10 steps), saved as a PNG."""
+    """One panel per metric, one line per run (moving average of 10 steps), one colour per method
+    ("hras_seed1" -> "hras"), saved as a PNG."""
     width, height, pad = 420, 300, 40
-    image = Image.new("RGB", (width * len(panels), height + 20 * 4), "white")
+    image = Image.new("RGB", (width * len(panels), height + 30), "white")
     draw = ImageDraw.Draw(image)
-    names = sorted({name for series in panels.values() for name in series})
+    methods = sorted({name.split("_seed")[0] for series in panels.values() for name in series})
+    colour = lambda name: COLOURS[methods.index(name.split("_seed")[0]) % len(COLOURS)]  # noqa: E731
     for p, (title, series) in enumerate(panels.items()):
         x0 = p * width
         points = [pt for s in series.values() for pt in s]
@@ -169,9 +171,10 @@ def plot_curves(panels: dict[str, dict[str, list[tuple[int, float]]]], path: Pat
         draw.text((x0 + width - pad - 30, height - pad + 5), f"step {max_step}", fill=(0, 0, 0))
         for name, pts in series.items():
             smooth = moving_average([v for _, v in pts])
-            draw.line([to_xy(s, v) for (s, _), v in zip(pts, smooth)], fill=COLOURS[names.index(name) % len(COLOURS)], width=2)
-    for i, name in enumerate(names):
-        draw.text((10 + 200 * (i % 4), height + 5 + 20 * (i // 4)), name, fill=COLOURS[i % len(COLOURS)])
+            draw.line([to_xy(s, v) for (s, _), v in zip(pts, smooth)], fill=colour(name), width=2)
+    for i, method in enumerate(methods):
+        draw.line([(pad + 120 * i, height + 14), (pad + 120 * i + 20, height + 14)], fill=COLOURS[i % len(COLOURS)], width=2)
+        draw.text((pad + 120 * i + 25, height + 8), method, fill=(0, 0, 0))
     tmp = path.with_suffix(".tmp.png")
     image.save(tmp)
     tmp.replace(path)
