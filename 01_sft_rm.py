@@ -503,32 +503,43 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
 
 
 # ----------------------------------------------------------------------------- policy SFT and its check
+def fit(model, batch_loss, steps: int, peak_lr: float, warmup: int, weight_decay: float, desc: str) -> list[float]:
+    """The supervised loop of both models: AdamW, warm-up + cosine learning rate, gradients clipped at norm 1.
+    batch_loss(step) draws that step's batch and returns its loss."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=weight_decay)
+    losses = []
+    model.train()
+    for step in (bar := tqdm(range(steps), desc=desc)):
+        loss = batch_loss(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, warmup, peak_lr)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
 def sft_policy(cfg: Config, model, processor, train) -> list[float]:
     """Teacher forcing on the traces; the loss counts completion tokens only."""
     target = cfg.target_column or "sft_target"
     if target not in train.column_names:
         raise SystemExit(f"policy SFT needs completions: no column '{target}' in the train split "
                          f"(columns: {train.column_names}). Pass --target-column, or --skip-policy-sft.")
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, weight_decay=0.0)
-    rng, losses = random.Random(cfg.seed + 1), []
-    model.train()
-    for step in (bar := tqdm(range(cfg.sft_steps), desc="policy SFT")):
+    rng = random.Random(cfg.seed + 1)
+
+    def batch_loss(step: int) -> torch.Tensor:
         rows = rng.sample(range(len(train)), cfg.sft_batch_size)
         images = [row_image(train, i, cfg.image_column) for i in rows]
         prompt = to_device(encode_prompts(processor, images, [train[i][cfg.question_column] for i in rows]), cfg.device)
         ids, mask = encode_completions(processor, [train[i][target] for i in rows], cfg.device)
         logprobs = completion_logprobs(model, prompt, ids, mask)  # (B, L)
-        loss = -(logprobs * mask).sum() / mask.sum()  # mean negative log-likelihood per completion token
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg.sft_steps, cfg.warmup_steps, cfg.sft_lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-    return losses
+        return -(logprobs * mask).sum() / mask.sum()  # mean negative log-likelihood per completion token
+
+    return fit(model, batch_loss, cfg.sft_steps, cfg.sft_lr, cfg.warmup_steps, 0.0, "policy SFT")
 
 
 @torch.no_grad()
@@ -643,24 +654,15 @@ def encode_pairs(tokenizer, pairs: list[dict], device, max_length: int = 512) ->
 
 def train_crm(cfg: Config, crm, tokenizer, pairs: list[dict]) -> list[float]:
     """Cross-entropy on the two labels."""
-    optimizer = torch.optim.AdamW(crm.parameters(), lr=cfg.crm_lr, weight_decay=0.01)
-    rng, losses = random.Random(cfg.seed + 2), []
-    crm.train()
-    for step in (bar := tqdm(range(cfg.crm_steps), desc="CRM SFT")):
+    rng = random.Random(cfg.seed + 2)
+
+    def batch_loss(step: int) -> torch.Tensor:
         batch_pairs = rng.sample(pairs, min(cfg.crm_batch_size, len(pairs)))
-        inputs = encode_pairs(tokenizer, batch_pairs, cfg.device)
-        labels = torch.tensor([p["label"] for p in batch_pairs], device=cfg.device)
-        loss = torch.nn.functional.cross_entropy(crm(**inputs).logits.float(), labels)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg.crm_steps, cfg.warmup_steps, cfg.crm_lr)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(crm.parameters(), 1.0)
-        optimizer.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    crm.eval()
-    return losses
+        labels = torch.tensor([p["label"] for p in batch_pairs], device=cfg.device)  # (B,)
+        logits = crm(**encode_pairs(tokenizer, batch_pairs, cfg.device)).logits.float()  # (B, 2)
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    return fit(crm, batch_loss, cfg.crm_steps, cfg.crm_lr, cfg.warmup_steps, 0.01, "CRM SFT")
 
 
 @torch.no_grad()

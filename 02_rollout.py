@@ -21,9 +21,8 @@ Writes: runs/<run>/rollouts.jsonl, one row per prompt with its G completions.
 Run:    python 02_rollout.py [--n-prompts 16 --group-size 8 --temperature 1.0]
 """
 import dataclasses
-import importlib.util
+import importlib
 import random
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,17 +31,9 @@ import torch
 from tqdm import tqdm
 
 
-def load_stage(filename: str):
-    """Import an earlier stage by file name (a module name cannot start with a digit)."""
-    name = "stage_" + filename[:2]
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(filename))
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-stage1 = load_stage("01_sft_rm.py")
+# Earlier stages, by file name: "01_sft_rm" cannot follow `import`, but import_module takes it (the
+# stages' folder is on sys.path when one runs as a script). Imports flow forward only.
+stage1 = importlib.import_module("01_sft_rm")
 
 
 @dataclass

@@ -20,26 +20,17 @@ Reads:  runs/<run>/rollouts.jsonl (02_rollout.py), runs/<run>/crm/ (01_sft_rm.py
 Writes: runs/<run>/rewards.jsonl, one row per prompt with one reward record per completion.
 Run:    python 03_rewards.py [--lambda-cons 1.0]
 """
-import importlib.util
+import importlib
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 
-def load_stage(filename: str):
-    """Import an earlier stage by file name (a module name cannot start with a digit)."""
-    name = "stage_" + filename[:2]
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(filename))
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-stage1 = load_stage("01_sft_rm.py")
+# Earlier stages, by file name: "01_sft_rm" cannot follow `import`, but import_module takes it (the
+# stages' folder is on sys.path when one runs as a script). Imports flow forward only.
+stage1 = importlib.import_module("01_sft_rm")
 
 
 @dataclass

@@ -22,25 +22,16 @@ Reads:  runs/<run>/rewards.jsonl (03_rewards.py).
 Writes: runs/<run>/advantages.jsonl, one row per prompt: the advantages and both z-scores.
 Run:    python 04_hras.py [--advantage hras --alpha 1.0 --beta 1.0]
 """
-import importlib.util
-import sys
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 
-def load_stage(filename: str):
-    """Import an earlier stage by file name (a module name cannot start with a digit)."""
-    name = "stage_" + filename[:2]
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(filename))
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-stage1 = load_stage("01_sft_rm.py")
+# Earlier stages, by file name: "01_sft_rm" cannot follow `import`, but import_module takes it (the
+# stages' folder is on sys.path when one runs as a script). Imports flow forward only.
+stage1 = importlib.import_module("01_sft_rm")
 
 
 @dataclass

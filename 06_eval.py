@@ -27,9 +27,8 @@ Run:    python 06_eval.py                      # every checkpoint found under ru
         python 06_eval.py --reproduce          # the whole experiment, ~25 min on 2 CPU cores
 """
 import dataclasses
-import importlib.util
+import importlib
 import math
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,18 +38,9 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 
-def load_stage(filename: str):
-    """Import an earlier stage by file name (a module name cannot start with a digit)."""
-    name = "stage_" + filename[:2]
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(filename))
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-stage1, stage2, stage3, stage5 = (load_stage(f) for f in ("01_sft_rm.py", "02_rollout.py", "03_rewards.py",
-                                                           "05_grpo_train.py"))
+# Earlier stages, by file name: "01_sft_rm" cannot follow `import`, but import_module takes it (the
+# stages' folder is on sys.path when one runs as a script). Imports flow forward only.
+stage1, stage2, stage3, stage5 = map(importlib.import_module, ["01_sft_rm", "02_rollout", "03_rewards", "05_grpo_train"])
 
 
 @dataclass

@@ -14,7 +14,7 @@ Run:  python bench/bench_rollout.py                       # CPU: tiny shape, bat
       python bench/bench_rollout.py --shape 2b --new-tokens 256   # on a GPU
 """
 import argparse
-import importlib.util
+import importlib
 import sys
 import time
 from contextlib import nullcontext
@@ -24,18 +24,8 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def load_stage(filename: str):
-    name = "stage_" + filename[:2]
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / filename)
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-stage1, stage2 = load_stage("01_sft_rm.py"), load_stage("02_rollout.py")
+sys.path.insert(0, str(ROOT))  # the stages import each other by file name with importlib.import_module
+stage1, stage2 = map(importlib.import_module, ["01_sft_rm", "02_rollout"])
 
 
 def build(shape: str, folder: Path, device: str, dtype):

@@ -1,5 +1,5 @@
 """Shared fixtures: one tiny stage-1 run (offline, ~20 s) that the stage 2-6 tests reuse."""
-import importlib.util
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -10,16 +10,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download anything
 os.environ.setdefault("TQDM_DISABLE", "1")  # keep test logs short
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the stages import each other by file name with importlib.import_module
 
 
 def load_stage(filename: str):
-    """Import a stage by file name, sharing the modules the stages import from each other."""
-    name = "stage_" + filename[:2]
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / filename)
-        sys.modules[name] = module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    """A stage by file name ("02_rollout.py"): the same module object the stages import from each other."""
+    return importlib.import_module(Path(filename).stem)
 
 
 @pytest.fixture(scope="session")
