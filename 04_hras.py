@@ -17,6 +17,12 @@ mentions warm-up and decay without shapes, so these shapes are our choice.
 
 Pinned conventions (the sources leave them open; the peers disagree): sample std, eps = 1e-6,
 an all-equal group gets exactly 0, no gating by correctness.
+A trap of z-scoring a continuous reward: once a policy is mostly consistent, a group's CRM
+probabilities may all be ~0.9989 and differ only in the 6th decimal (float noise of batched
+inference), yet the z-score scales that noise up to unit size, as large as the accuracy signal.
+cons_eps (the eps of z(r_cons) alone; default eps) damps it: with cons_eps = 0.05 a spread of 1e-6
+gives advantages of ~1e-5, while a group of 8 with one inconsistent member (std 0.354) keeps 88 %
+of its scale. The defaults keep eps (the measured table in the README); see there for 0.05.
 
 Reads:  runs/<run>/rewards.jsonl (03_rewards.py).
 Writes: runs/<run>/advantages.jsonl, one row per prompt: the advantages and both z-scores.
@@ -42,6 +48,7 @@ class Config:
     alpha: float = 1.0  # weight of the task advantage (hras)
     beta: float = 1.0  # weight of the consistency advantage (hras), before the schedule
     eps: float = 1e-6  # added to the group std
+    cons_eps: float = 1e-6  # added to the group std of r_cons in hras (e.g. 0.05 damps CRM noise; see above)
 
 
 def group_zscore(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
@@ -79,15 +86,19 @@ def summed_advantages(task_rewards: torch.Tensor, consistency_rewards: torch.Ten
 
 
 def hras_advantages(task_rewards: torch.Tensor, consistency_rewards: torch.Tensor, group_size: int,
-                    alpha: float = 1.0, beta: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
+                    alpha: float = 1.0, beta: float = 1.0, eps: float = 1e-6,
+                    cons_eps: float | None = None) -> torch.Tensor:
     """alpha * z(task) + beta * z(consistency), each z-scored within its group. (N,), (N,) -> (N,)
 
     Example (G = 4): task [1, 1, 0, 0] -> z = +-0.8660 (mean 0.5, std sqrt(1/3) = 0.5774);
                      cons [0.9, 0.1, 0.8, 0.2] -> z = [0.9798, -0.9798, 0.7348, -0.7348]
                      (mean 0.5, std sqrt(0.50 / 3) = 0.4082);  alpha = beta = 1
                      -> [1.8458, -0.1138, -0.1312, -1.6009].
+    cons_eps replaces eps in z(consistency) (None: eps).
     """
-    return alpha * group_zscore(task_rewards, group_size, eps) + beta * group_zscore(consistency_rewards, group_size, eps)
+    z_task = group_zscore(task_rewards, group_size, eps)  # (N,)
+    z_cons = group_zscore(consistency_rewards, group_size, eps if cons_eps is None else cons_eps)  # (N,)
+    return alpha * z_task + beta * z_cons
 
 
 def consistency_weight(step: int, total_steps: int, beta: float, schedule: str = "constant",
@@ -107,14 +118,14 @@ def consistency_weight(step: int, total_steps: int, beta: float, schedule: str =
 
 
 def advantages(method: str, task: torch.Tensor, consistency: torch.Tensor, group_size: int,
-               alpha: float = 1.0, beta: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
+               alpha: float = 1.0, beta: float = 1.0, eps: float = 1e-6, cons_eps: float | None = None) -> torch.Tensor:
     """Dispatch on --advantage. (N,), (N,) -> (N,)"""
     if method == "grpo":
         return grpo_advantages(task, group_size, eps)
     if method == "sum":
         return summed_advantages(task, consistency, group_size, eps)
     if method == "hras":
-        return hras_advantages(task, consistency, group_size, alpha, beta, eps)
+        return hras_advantages(task, consistency, group_size, alpha, beta, eps, cons_eps)
     raise ValueError(f"unknown advantage {method!r}: use hras, grpo or sum")
 
 
@@ -127,8 +138,8 @@ def main(cfg: Config) -> list[dict]:
     group_size = sizes.pop()
     task = torch.tensor([r["task"] for p in prompts for r in p["rewards"]])  # (N,)
     consistency = torch.tensor([r["consistency"] for p in prompts for r in p["rewards"]])  # (N,)
-    adv = advantages(cfg.advantage, task, consistency, group_size, cfg.alpha, cfg.beta, cfg.eps)  # (N,)
-    task_z, cons_z = group_zscore(task, group_size, cfg.eps), group_zscore(consistency, group_size, cfg.eps)
+    adv = advantages(cfg.advantage, task, consistency, group_size, cfg.alpha, cfg.beta, cfg.eps, cfg.cons_eps)  # (N,)
+    task_z, cons_z = group_zscore(task, group_size, cfg.eps), group_zscore(consistency, group_size, cfg.cons_eps)
 
     rows = []
     for k, p in enumerate(prompts):

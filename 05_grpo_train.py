@@ -59,6 +59,7 @@ class Config:
     beta_schedule: str = "constant"  # constant | warmup | decay
     beta_warmup_steps: int = 0  # length of the warm-up (beta_schedule warmup)
     eps: float = 1e-6  # added to the group std
+    cons_eps: float = 1e-6  # added to the group std of r_cons in hras (0.05 damps CRM float noise; 04_hras.py)
     # rollouts
     steps: int = 100  # optimiser steps (one batch of rollouts each)
     prompts_per_step: int = 8  # P: prompts per step
@@ -256,7 +257,8 @@ def main(cfg: Config) -> dict:
         consistency = torch.tensor([s["consistency"] for s in scores], device=cfg.device)  # (N,)
         # 4. advantages
         beta_t = stage4.consistency_weight(step, cfg.steps, cfg.beta, cfg.beta_schedule, cfg.beta_warmup_steps)
-        advantages = stage4.advantages(cfg.advantage, task, consistency, cfg.group_size, cfg.alpha, beta_t, cfg.eps)
+        advantages = stage4.advantages(cfg.advantage, task, consistency, cfg.group_size, cfg.alpha, beta_t, cfg.eps,
+                                       cfg.cons_eps)
         # 5. update
         losses = update(cfg, model, reference, optimizer, scheduler, prompt, ids, mask, old_logprobs, advantages)
 

@@ -76,3 +76,21 @@ def test_consistency_weight_schedules():
     assert hras.consistency_weight(100, 100, 0.5, "decay") == 0.0
     with pytest.raises(ValueError, match="unknown consistency schedule"):
         hras.consistency_weight(0, 10, 1.0, "cosine")
+
+
+def test_cons_eps_damps_noise_in_an_all_consistent_group():
+    # consistency [0.999, 0.998, 0.999, 0.998]: mean 0.9985, deviations +-0.0005,
+    # sample var 4 * 0.0005^2 / 3 = 3.3333e-7, std 5.7735e-4
+    task, cons = T([1.0, 1, 1, 1]), T([0.999, 0.998, 0.999, 0.998], dtype=torch.float64)
+    # eps 1e-6: z = +-0.0005 / (5.7735e-4 + 1e-6) = +-0.86453: noise at the scale of a real signal
+    assert close(hras.hras_advantages(task, cons, 4).float(), [0.8645, -0.8645, 0.8645, -0.8645])
+    # cons_eps 0.05: z = +-0.0005 / (5.7735e-4 + 0.05) = +-0.0098858
+    assert close(hras.hras_advantages(task, cons, 4, cons_eps=0.05).float(), [0.009886, -0.009886, 0.009886, -0.009886],
+                 tol=1e-6)
+    # a group of 8, one inconsistent: [0, 1 x7]: mean 0.875, sample var (0.875^2 + 7 * 0.125^2) / 7 = 0.125,
+    # std 0.35355; z of the inconsistent one: -0.875 / 0.35355 = -2.4749, with cons_eps 0.05: -0.875 / 0.40355 = -2.1682
+    cons8, task8 = T([0.0] + [1.0] * 7), T([1.0] * 8)
+    assert hras.hras_advantages(task8, cons8, 8)[0].item() == pytest.approx(-2.4749, abs=1e-4)
+    assert hras.hras_advantages(task8, cons8, 8, cons_eps=0.05)[0].item() == pytest.approx(-2.1682, abs=1e-4)
+    # the task z-score keeps eps: [1, 0, 0, 0] gives 1.5 as before, whatever cons_eps
+    assert hras.hras_advantages(T([1.0, 0, 0, 0]), torch.zeros(4), 4, cons_eps=0.05)[0].item() == pytest.approx(1.5, abs=1e-4)
