@@ -117,6 +117,17 @@ def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+def save_folder_atomic(folder: Path, *objects) -> None:
+    """save_pretrained (or a datasets save_to_disk) of each object into folder.tmp, then one rename, so
+    a killed run never leaves a half-written model, processor or dataset under the final name."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for obj in objects:
+        obj.save_pretrained(tmp) if hasattr(obj, "save_pretrained") else obj.save_to_disk(str(tmp))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     """Rows of a JSONL file; a broken line is an error that names the file and the line."""
     rows = []
@@ -704,6 +715,7 @@ def main(cfg: Config) -> dict:
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.runs_dir) / cfg.run
     run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "stage1.json").unlink(missing_ok=True)  # the mark of a finished stage 1: written last, removed first
     embedded = cfg.dataset is None
     if not embedded and not cfg.crm_data:  # say so now, not after an hour of policy SFT
         raise SystemExit("--dataset is real data, so the CRM needs --crm-data (a JSONL of question, thinking, "
@@ -711,9 +723,7 @@ def main(cfg: Config) -> dict:
 
     # 1. data
     data = build_embedded_dataset(cfg) if embedded else load_real_dataset(cfg)
-    if (run_dir / "data").exists():
-        shutil.rmtree(run_dir / "data")
-    data.save_to_disk(str(run_dir / "data"))
+    save_folder_atomic(run_dir / "data", data)
     train, test = data[cfg.train_split if not embedded else "train"], data[cfg.test_split if not embedded else "test"]
     print(f"data: {len(train)} train / {len(test)} test -> {run_dir / 'data'}")
 
@@ -735,8 +745,7 @@ def main(cfg: Config) -> dict:
         tenth = max(1, len(losses) // 10)
         summary["sft_loss"] = {"first_10pct": sum(losses[:tenth]) / tenth, "last_10pct": sum(losses[-tenth:]) / tenth}
         print(f"SFT loss: {summary['sft_loss']['first_10pct']:.3f} -> {summary['sft_loss']['last_10pct']:.3f}")
-    model.save_pretrained(run_dir / "policy_sft")
-    processor.save_pretrained(run_dir / "policy_sft")
+    save_folder_atomic(run_dir / "policy_sft", model, processor)
     summary["policy_check"] = greedy_check(cfg, model, processor, test, cfg.eval_n, embedded)
 
     # 3. the consistency reward model: its data, then SFT
@@ -754,8 +763,7 @@ def main(cfg: Config) -> dict:
     del model
     crm, crm_tokenizer = load_crm(crm_path, cfg.device)
     crm_losses = train_crm(cfg, crm, crm_tokenizer, train_pairs)
-    crm.save_pretrained(run_dir / "crm")
-    crm_tokenizer.save_pretrained(run_dir / "crm")
+    save_folder_atomic(run_dir / "crm", crm, crm_tokenizer)
     report = classification_report(crm_scores(crm, crm_tokenizer, test_pairs, cfg.device), [p["label"] for p in test_pairs])
     summary["crm"] = {**report, "final_loss": crm_losses[-1] if crm_losses else None}
     if embedded and not cfg.crm_data:  # the harder test: text the policy really writes

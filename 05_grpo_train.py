@@ -283,8 +283,7 @@ def main(cfg: Config) -> dict:
             print(f"stopping after {steps_this_run} steps (--stop-after)")
             return {}
 
-    model.save_pretrained(out_dir / "policy")
-    processor.save_pretrained(out_dir / "policy")
+    stage1.save_folder_atomic(out_dir / "policy", model, processor)
     history = stage1.read_jsonl(metrics_path)
     last = history[-10:]
     summary = {k: sum(r[k] for r in last) / len(last) for k in ("accuracy", "crm_consistency", "reward_task", "kl")}
