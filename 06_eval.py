@@ -24,7 +24,7 @@ prints one table (mean +- standard error over seeds).
 Reads:  runs/<run>/{data,crm,policy_sft}/, runs/<run>/<name>/{policy,metrics.jsonl} (stages 1 and 5).
 Writes: runs/<run>/eval.json, runs/<run>/eval.md, runs/<run>/curves.png.
 Run:    python 06_eval.py                      # every checkpoint found under runs/default
-        python 06_eval.py --reproduce          # the whole experiment, ~25 min on 2 CPU cores
+        python 06_eval.py --reproduce          # the whole experiment, ~15 min on 2 CPU cores
 """
 import dataclasses
 import importlib
@@ -128,6 +128,11 @@ def markdown_table(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def method_of(run_name: str) -> str:
+    """The method a run belongs to: "hras_seed1" -> "hras" (runs of one method differ only by seed)."""
+    return run_name.split("_seed")[0]
+
+
 # ----------------------------------------------------------------------------- curves (drawn with Pillow)
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 
@@ -142,8 +147,8 @@ def plot_curves(panels: dict[str, dict[str, list[tuple[int, float]]]], path: Pat
     width, height, pad = 420, 300, 40
     image = Image.new("RGB", (width * len(panels), height + 30), "white")
     draw = ImageDraw.Draw(image)
-    methods = sorted({name.split("_seed")[0] for series in panels.values() for name in series})
-    colour = lambda name: COLOURS[methods.index(name.split("_seed")[0]) % len(COLOURS)]  # noqa: E731
+    methods = sorted({method_of(name) for series in panels.values() for name in series})
+    colour = lambda name: COLOURS[methods.index(method_of(name)) % len(COLOURS)]  # noqa: E731
     for p, (title, series) in enumerate(panels.items()):
         x0 = p * width
         points = [pt for s in series.values() for pt in s]
@@ -225,8 +230,8 @@ def main(cfg: Config) -> dict:
                                         crm_tokenizer, cfg, embedded)
         del model
     grouped: dict[str, list[dict]] = {}
-    for name, metrics in per_checkpoint.items():  # "hras_seed1" -> "hras"
-        grouped.setdefault(name.split("_seed")[0], []).append(metrics)
+    for name, metrics in per_checkpoint.items():
+        grouped.setdefault(method_of(name), []).append(metrics)
     table = markdown_table(grouped)
     mode = f"{cfg.samples} samples at T={cfg.temperature}" if cfg.temperature > 0 else "greedy"
     header = (f"Test split, first {min(cfg.n, len(test))} prompts, {mode}. Cells: % (mean ± standard error over "
