@@ -38,6 +38,7 @@ Run:    python 01_sft_rm.py                              # embedded default, ~5 
             --dataset my_data.jsonl --crm answerdotai/ModernBERT-large --crm-data judged.jsonl
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -47,9 +48,11 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
@@ -60,6 +63,7 @@ class Config:
     runs_dir: str = "runs"  # parent folder of all runs
     seed: int = 0  # seeds the task generator, model init and batches
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where models train
+    dtype: str = "auto"  # compute precision: auto = bf16 on CUDA, fp32 on CPU (compute_dtype)
     # data
     dataset: str | None = None  # hub id, load_from_disk folder or JSONL; None = embedded tasks
     image_column: str = "image"  # column with the image (PIL image, or a path for JSONL)
@@ -153,9 +157,27 @@ def require(path: Path, made_by: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- parsing and the rule oracle
-THINK_RE = re.compile(r"<think>(.*?)</think>", re.DOTALL)
-ANSWER_RE = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# Every pattern here runs in time linear in the text: a policy's output is untrusted, and a regex such as
+# <answer>(.*?)</answer> rescans the rest of the text from every unclosed tag (quadratic on "<answer>" x 8,000).
+# CONCLUSION_RE is linear: each try starts at "answer is" and stops at the next space.
 CONCLUSION_RE = re.compile(r"answer is\s*([^\s<]+?)\.?(?:\s|$)", re.IGNORECASE)
+
+
+def last_block(text: str, tag: str) -> str | None:
+    """The content of the last <tag>...</tag>, or None. Left to right, each opening tag pairs with the next
+    closing one (what the regex <tag>(.*?)</tag> finds), in one str.find pass: linear in len(text).
+
+    Example: last_block("<answer>1</answer><answer>3</answer>", "answer") -> "3";
+             last_block("<answer>1</answer><answer>3", "answer") -> "1" (the second one is unclosed).
+    """
+    opening, closing = f"<{tag}>", f"</{tag}>"
+    found, start = None, text.find(opening)
+    while start != -1:
+        end = text.find(closing, start + len(opening))
+        if end == -1:
+            break
+        found, start = text[start + len(opening): end], text.find(opening, end + len(closing))
+    return found
 
 
 def parse_completion(text: str) -> tuple[str | None, str | None]:
@@ -165,28 +187,73 @@ def parse_completion(text: str) -> tuple[str | None, str | None]:
              -> ("1, 2. So the answer is 2.", "2");  parse_completion("<answer> </answer>") -> (None, None)
     An empty answer counts as missing, so it can never match anything.
     """
-    thinks, answers = THINK_RE.findall(text), ANSWER_RE.findall(text)
-    think = thinks[-1].strip() if thinks else None
-    answer = answers[-1].strip() if answers else None
-    return think or None, answer or None
+    think, answer = last_block(text, "think"), last_block(text, "answer")
+    return (think or "").strip() or None, (answer or "").strip() or None
+
+
+ASCII_FORMS = {0x2212: ord("-"), **{c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)}}  # minus sign, full-width forms
+ANSWER_WRAPPERS = [("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("\\boxed{", "}"), ("\\text{", "}")]
+NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d{1,4})?")  # 3, -3.0, .5, 1e309 (exponent < 10^4)
+THOUSANDS_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")  # 1,000 and 1,234,567.5 (not 1,2)
+LATEX_FRACTION_RE = re.compile(r"(-?)\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")  # \frac{1}{2}, -\dfrac{3}{4}
 
 
 def normalize_answer(text: str) -> str:
-    """Lower case, no surrounding spaces/punctuation, an option letter 'B)' or '(b)' -> 'b'."""
-    return text.strip().strip(".()").strip().lower()
+    """The answer as compared: full-width forms and the Unicode minus as ASCII, up to 4 wrappers removed
+    ($3$, \\(3\\), \\[3\\], \\boxed{3}, \\text{B}), no surrounding spaces, periods or parentheses, lower case.
+
+    Example: normalize_answer(" $\\boxed{−3}$. ") -> "-3";  normalize_answer("(B)") -> "b" (an option letter).
+    """
+    s = text.translate(ASCII_FORMS)
+    for _ in range(4):  # a bounded number of passes: linear in len(text) whatever it holds
+        s = s.strip().rstrip(".").rstrip()
+        for opening, closing in ANSWER_WRAPPERS:
+            if len(s) >= len(opening) + len(closing) and s.startswith(opening) and s.endswith(closing):
+                s = s[len(opening): len(s) - len(closing)]
+                break
+        else:
+            break
+    return s.strip().strip(".()").strip().lower()
+
+
+def parse_number(text: str) -> Fraction | None:
+    """A normalised answer as an exact number, or None. Reads integers, decimals, exponents (1e309),
+    thousands separators (1,000), a/b and \\frac{a}{b}; inf, nan and anything else are not numbers here.
+
+    Example: parse_number("1,000") -> Fraction(1000);  parse_number("0.5") -> Fraction(1, 2) (as "1/2");
+             parse_number("-\\frac{1}{2}") -> Fraction(-1, 2);  parse_number("nan") -> None.
+    """
+    if len(text) > 100:  # no answer worth reading as a number is longer; keeps int() far below its digit limit
+        return None
+    fraction = LATEX_FRACTION_RE.fullmatch(text)
+    sign, parts = (-1 if fraction[1] else 1, fraction.groups()[1:]) if fraction else (1, text.split("/"))
+    parts = [p.strip() for p in parts]
+    parts = [p.replace(",", "") if THOUSANDS_RE.fullmatch(p) else p for p in parts]
+    if len(parts) > 2 or not all(NUMBER_RE.fullmatch(p) for p in parts):
+        return None
+    values = [Fraction(p) for p in parts]
+    if len(values) == 2 and values[1] == 0:
+        return None
+    return sign * (values[0] / values[1] if len(values) == 2 else values[0])
 
 
 def answers_match(predicted: str | None, truth: str, rel_tol: float = 1e-6) -> bool:
-    """Numbers compare with a tolerance ('3.0' == '3'), everything else as normalised strings."""
+    """Numbers compare as exact fractions: equal when either is an integer ('1000001' != '1000000',
+    '3.0' == '3'), within relative tolerance rel_tol when neither is (rounding: '0.3333333' == '1/3');
+    '1,000' == '1000', '1/2' == '0.5', '\\boxed{3}' == '$3$' == '3', '−3' == '-3'. Everything else (option
+    letters 'B)' == 'b', words, 'inf', 'nan') compares as normalised text. An empty answer never matches.
+    """
     if predicted is None:
         return False
     p, t = normalize_answer(predicted), normalize_answer(truth)
     if not p:  # an empty answer never matches, not even an empty truth
         return False
-    try:
-        return math.isclose(float(p), float(t), rel_tol=rel_tol, abs_tol=1e-9)
-    except ValueError:
+    p_number, t_number = parse_number(p), parse_number(t)
+    if p_number is None or t_number is None:
         return p == t
+    if p_number.denominator == 1 or t_number.denominator == 1:
+        return p_number == t_number
+    return abs(p_number - t_number) <= Fraction(rel_tol) * max(abs(p_number), abs(t_number))
 
 
 def thinking_conclusion(think: str | None) -> str | None:
@@ -426,9 +493,38 @@ def build_tiny_crm(folder: Path, seed: int, bpe) -> None:
     tokenizer.save_pretrained(folder)
 
 
-# ----------------------------------------------------------------------------- loading (same path for tiny and hub models)
-def load_policy(name_or_path: str, device: str, max_pixels: int | None = None, dtype=torch.float32):
-    """(model, processor) through the Auto classes, exactly as a hub checkpoint loads."""
+# ----------------------------------------------------------------------------- precision and loading
+def compute_dtype(device: str, dtype: str = "auto") -> torch.dtype:
+    """The one precision rule of every stage: the dtype models compute in.
+
+    auto -> bfloat16 on CUDA (half the memory and the tensor cores' rate; its 8-bit exponent, unlike fp16's,
+            needs no loss scaling), float32 on the CPU (CPUs gain little from bf16, and fp32 keeps the
+            equivalence tests exact). "bf16" / "fp32" force one.
+    Frozen weights (the sampler's in stages 2 and 6, the reference, the CRM, a LoRA base) are stored in it.
+    Weights being trained stay fp32 and compute under autocast(dtype) (see `autocast`): a bf16 weight has 8
+    significant bits, so an update below ~1/256 of the weight (lr 1e-6 on a weight of 0.01) rounds away.
+    """
+    if dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if dtype not in ("bf16", "fp32"):
+        raise SystemExit(f"--dtype {dtype}: use auto, bf16 or fp32.")
+    return torch.bfloat16 if dtype == "bf16" else torch.float32
+
+
+def autocast(device: str, dtype: torch.dtype):
+    """Matmuls in `dtype` while fp32 master weights are trained; a no-op in fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=str(device).split(":")[0], dtype=dtype)
+
+
+def load_policy(name_or_path: str, device: str, max_pixels: int | None = None, dtype=torch.float32,
+                trainable: bool = False):
+    """(model, processor) through the Auto classes, exactly as a hub checkpoint loads.
+
+    A folder with adapter_config.json is a LoRA policy saved by stage 5 (base + adapter): its base is
+    loaded first, then the adapter through peft (trainable or frozen).
+    """
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(name_or_path)
@@ -440,7 +536,15 @@ def load_policy(name_or_path: str, device: str, max_pixels: int | None = None, d
         if getattr(image_processor, old_name, None) is not None:
             setattr(image_processor, old_name, None)
     processor.tokenizer.padding_side = "left"  # prompts are left-padded so completions start together
-    model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype).to(device)
+    adapter_config = Path(name_or_path) / "adapter_config.json"
+    if adapter_config.exists():
+        from peft import PeftModel
+
+        base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype).to(device)
+        model = PeftModel.from_pretrained(model, name_or_path, is_trainable=trainable)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype).to(device)
     return model, processor
 
 
@@ -484,21 +588,63 @@ def encode_completions(processor, texts: list[str], device) -> tuple[torch.Tenso
     return ids.to(device), mask.to(device)
 
 
+def unwrap(model):
+    """The transformers model inside a peft wrapper (LoRA layers sit inside it, so its forward runs them)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def image_features(model, prompt: dict) -> list[torch.Tensor]:
+    """The vision tower's output for each prompt's image: B tensors (n_b, H), n_b its visual tokens."""
+    out = unwrap(model).model.get_image_features(prompt["pixel_values"], prompt["image_grid_thw"])
+    return list(out.pooler_output if hasattr(out, "pooler_output") else out)  # transformers < 5.20: the list itself
+
+
+def chunk_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(lm_head(hidden) / T)[target] for one chunk: hidden (B, C, H), targets (B, C) -> (B, C).
+    Only the target's log-prob leaves: log p_y = z_y - logsumexp(z), never a (B, C, V) log-softmax copy."""
+    logits = lm_head(hidden).float() / temperature  # (B, C, V)
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (B, C)
+
+
 def completion_logprobs(model, prompt: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
-                        temperature: float = 1.0) -> torch.Tensor:
+                        temperature: float = 1.0, chunk_size: int = 256,
+                        visual: list[torch.Tensor] | None = None) -> torch.Tensor:
     """log p(y_t | image, prompt, y_<t) of every completion token under logits / temperature.
 
-    prompt: encode_prompts output (left padded, on the model's device); completion_ids, completion_mask: (B, L).
-    Returns (B, L); positions where completion_mask is 0 hold meaningless values.
+    prompt: encode_prompts output (left padded, on the model's device), one image per row; completion_ids,
+    completion_mask: (B, L). Returns (B, L); positions where completion_mask is 0 hold meaningless values.
+
+    Memory: the backbone runs once; then lm_head and the fp32 log-softmax run over `chunk_size` positions at
+    a time, each chunk under activation checkpointing when gradients are on, so a (B, chunk, V) logits block
+    exists at a time instead of (B, L, V) (Qwen's V = 151,936: 4.7 GB per fp32 copy at B 8, L 1,024).
+    visual: each row's image features (image_features) computed once, without gradients, and reused, so the
+    vision tower does not run again for every row of a GRPO group (--freeze-vision-tower); None = run it here.
     """
     L = completion_ids.shape[1]
     input_ids = torch.cat([prompt["input_ids"], completion_ids], dim=1)  # (B, P + L)
     attention_mask = torch.cat([prompt["attention_mask"], completion_mask], dim=1)  # (B, P + L)
     mm_token_type_ids = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion_ids)], dim=1)  # text = 0
-    out = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=prompt["pixel_values"],
-                image_grid_thw=prompt["image_grid_thw"], mm_token_type_ids=mm_token_type_ids, logits_to_keep=L + 1)
-    logits = out.logits[:, :-1].float() / temperature  # (B, L, V): the logits at t predict token t + 1
-    return torch.log_softmax(logits, dim=-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)  # (B, L)
+    core = unwrap(model)
+    if visual is None:  # the model's own path: the vision tower runs inside the forward
+        hidden = core.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=prompt["pixel_values"],
+                            image_grid_thw=prompt["image_grid_thw"], mm_token_type_ids=mm_token_type_ids).last_hidden_state
+    else:  # the same forward with the visual tokens given: embed the text, scatter the image features in
+        embeds = core.get_input_embeddings()(input_ids)  # (B, P + L, H)
+        image_slots = (input_ids == core.config.image_token_id).unsqueeze(-1)  # (B, P + L, 1)
+        embeds = embeds.masked_scatter(image_slots, torch.cat(visual).to(embeds.dtype))
+        positions, _ = core.model.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids,
+                                                  image_grid_thw=prompt["image_grid_thw"],
+                                                  attention_mask=attention_mask)  # (3, B, P + L)
+        hidden = core.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions).last_hidden_state
+    hidden = hidden[:, -L - 1:-1]  # (B, L, H): the state at t predicts token t + 1
+    chunks = []
+    for start in range(0, L, chunk_size):
+        args = (core.lm_head, hidden[:, start:start + chunk_size], completion_ids[:, start:start + chunk_size], temperature)
+        if torch.is_grad_enabled():  # keep only the chunk's input; its logits are recomputed in backward
+            chunks.append(torch.utils.checkpoint.checkpoint(chunk_logprobs, *args, use_reentrant=False))
+        else:
+            chunks.append(chunk_logprobs(*args))
+    return torch.cat(chunks, dim=1)  # (B, L)
 
 
 def to_device(batch: dict, device) -> dict:
@@ -547,7 +693,8 @@ def sft_policy(cfg: Config, model, processor, train) -> list[float]:
         images = [row_image(train, i, cfg.image_column) for i in rows]
         prompt = to_device(encode_prompts(processor, images, [train[i][cfg.question_column] for i in rows]), cfg.device)
         ids, mask = encode_completions(processor, [train[i][target] for i in rows], cfg.device)
-        logprobs = completion_logprobs(model, prompt, ids, mask)  # (B, L)
+        with autocast(cfg.device, compute_dtype(cfg.device, cfg.dtype)):  # fp32 weights, bf16 matmuls on CUDA
+            logprobs = completion_logprobs(model, prompt, ids, mask)  # (B, L)
         return -(logprobs * mask).sum() / mask.sum()  # mean negative log-likelihood per completion token
 
     return fit(model, batch_loss, cfg.sft_steps, cfg.sft_lr, cfg.warmup_steps, 0.0, "policy SFT")
@@ -654,13 +801,52 @@ def read_crm_jsonl(path: str) -> list[dict]:
     return rows
 
 
-def encode_pairs(tokenizer, pairs: list[dict], device, max_length: int = 512) -> dict:
-    """premise = question + thinking, hypothesis = 'The final answer is {a}.' (truncating the premise)."""
+def kept_positions(sequence_ids: list[int | None], n_question: int, max_length: int,
+                   max_hypothesis_tokens: int) -> list[int]:
+    """The positions of one encoded pair to keep, at most max_length of them; every special token stays.
+
+    sequence_ids: per position None (special token), 0 (premise) or 1 (hypothesis). The hypothesis keeps its
+    first max_hypothesis_tokens. A premise too long for the room left keeps its first min(n_question, room // 2)
+    tokens (the question) and fills the rest from its end (the end of the thinking, where the conclusion sits).
+
+    Example: [None, 0, 0, 0, 0, 0, 0, None, 1, 1, None], n_question 2, max_length 8, max_hypothesis_tokens 1:
+             hypothesis [8]; room 8 - 3 specials - 1 = 4 for 6 premise tokens: the first 2 and the last 2
+             -> [0, 1, 2, 5, 6, 7, 8, 10].
+    """
+    special = [j for j, s in enumerate(sequence_ids) if s is None]
+    premise = [j for j, s in enumerate(sequence_ids) if s == 0]
+    hypothesis = [j for j, s in enumerate(sequence_ids) if s == 1][:max_hypothesis_tokens]
+    room = max_length - len(special) - len(hypothesis)
+    if len(premise) > room:
+        head = min(n_question, room // 2)
+        premise = premise[:head] + premise[len(premise) - (room - head):]
+    return sorted(special + premise + hypothesis)
+
+
+def encode_pairs(tokenizer, pairs: list[dict], device, max_length: int = 512,
+                 max_hypothesis_tokens: int = 64) -> dict:
+    """premise = question + thinking, hypothesis = 'The final answer is {a}.', at most max_length tokens a pair.
+
+    A pair that fits is encoded exactly as tokenizer(premise, hypothesis) encodes it. A longer one never raises
+    (a fast tokenizer's own truncation does when the hypothesis alone is too long, e.g. ~130 emoji): the
+    hypothesis, so a long answer, is cut to its first max_hypothesis_tokens tokens, and the premise keeps the
+    question and the end of the thinking (kept_positions). The cut is by tokens, never characters.
+    """
+    if max_length <= tokenizer.num_special_tokens_to_add(pair=True) + max_hypothesis_tokens:
+        raise ValueError(f"max_length={max_length} leaves no room for the premise: it must exceed the special "
+                         f"tokens plus max_hypothesis_tokens={max_hypothesis_tokens}.")
     premises = [f"{p['question']} {p['thinking']}" for p in pairs]
     hypotheses = [crm_hypothesis(p["answer"]) for p in pairs]
-    batch = tokenizer(premises, hypotheses, padding=True, truncation="only_first", max_length=max_length,
-                      return_tensors="pt")
-    return to_device(dict(batch), device)
+    full = tokenizer(premises, hypotheses, verbose=False)  # untruncated and unpadded: one list of ids per pair
+    rows = []
+    for i, p in enumerate(pairs):
+        row, sequence_ids = {key: values[i] for key, values in full.items()}, full.sequence_ids(i)
+        if len(sequence_ids) > max_length or sequence_ids.count(1) > max_hypothesis_tokens:  # rare: cut it
+            n_question = len(tokenizer(p["question"], add_special_tokens=False)["input_ids"])
+            keep = kept_positions(sequence_ids, n_question, max_length, max_hypothesis_tokens)
+            row = {key: [values[j] for j in keep] for key, values in row.items()}
+        rows.append(row)
+    return to_device(dict(tokenizer.pad(rows, return_tensors="pt")), device)
 
 
 def train_crm(cfg: Config, crm, tokenizer, pairs: list[dict]) -> list[float]:
@@ -670,7 +856,8 @@ def train_crm(cfg: Config, crm, tokenizer, pairs: list[dict]) -> list[float]:
     def batch_loss(step: int) -> torch.Tensor:
         batch_pairs = rng.sample(pairs, min(cfg.crm_batch_size, len(pairs)))
         labels = torch.tensor([p["label"] for p in batch_pairs], device=cfg.device)  # (B,)
-        logits = crm(**encode_pairs(tokenizer, batch_pairs, cfg.device)).logits.float()  # (B, 2)
+        with autocast(cfg.device, compute_dtype(cfg.device, cfg.dtype)):
+            logits = crm(**encode_pairs(tokenizer, batch_pairs, cfg.device)).logits.float()  # (B, 2)
         return torch.nn.functional.cross_entropy(logits, labels)
 
     return fit(crm, batch_loss, cfg.crm_steps, cfg.crm_lr, cfg.warmup_steps, 0.01, "CRM SFT")
@@ -739,24 +926,29 @@ def main(cfg: Config) -> dict:
             build_tiny_crm(run_dir / "crm_init", cfg.seed, bpe)
             crm_path = str(run_dir / "crm_init")
     crm_path = crm_path or "answerdotai/ModernBERT-large"  # the paper's CRM backbone for real runs
-    model, processor = load_policy(policy_path or "Qwen/Qwen2-VL-2B-Instruct", cfg.device, cfg.max_pixels)
+    dtype = compute_dtype(cfg.device, cfg.dtype)  # trained weights fp32, the rest in dtype: see compute_dtype
+    model, processor = load_policy(policy_path or "Qwen/Qwen2-VL-2B-Instruct", cfg.device, cfg.max_pixels,
+                                   dtype=dtype if cfg.skip_policy_sft else torch.float32)
     if not cfg.skip_policy_sft:
         losses = sft_policy(cfg, model, processor, train)
         tenth = max(1, len(losses) // 10)
         summary["sft_loss"] = {"first_10pct": sum(losses[:tenth]) / tenth, "last_10pct": sum(losses[-tenth:]) / tenth}
         print(f"SFT loss: {summary['sft_loss']['first_10pct']:.3f} -> {summary['sft_loss']['last_10pct']:.3f}")
     save_folder_atomic(run_dir / "policy_sft", model, processor)
-    summary["policy_check"] = greedy_check(cfg, model, processor, test, cfg.eval_n, embedded)
+    with autocast(cfg.device, dtype):
+        summary["policy_check"] = greedy_check(cfg, model, processor, test, cfg.eval_n, embedded)
 
     # 3. the consistency reward model: its data, then SFT
+    rollouts = {"train": [], "test": []}  # the SFT policy's own judged rollouts (embedded tasks)
     if cfg.crm_data:  # real runs: judged rollouts, 5 % held out
         pairs = read_crm_jsonl(cfg.crm_data)
         random.Random(cfg.seed).shuffle(pairs)
         n_held = max(1, len(pairs) // 20)
         train_pairs, test_pairs = pairs[n_held:], pairs[:n_held]
     elif embedded:  # templates with hard negatives, plus the SFT policy's rollouts judged by the oracle
-        rollouts = {name: policy_rollout_pairs(cfg, model, processor, split, n, cfg.seed)
-                    for name, split, n in [("train", train, cfg.crm_rollout_prompts), ("test", test, len(test))]}
+        with autocast(cfg.device, dtype):
+            rollouts = {name: policy_rollout_pairs(cfg, model, processor, split, n, cfg.seed)
+                        for name, split, n in [("train", train, cfg.crm_rollout_prompts), ("test", test, len(test))]}
         train_pairs = embedded_crm_pairs(train, cfg.seed) + rollouts["train"]
         random.Random(cfg.seed).shuffle(train_pairs)
         test_pairs = embedded_crm_pairs(test, cfg.seed)
@@ -764,11 +956,13 @@ def main(cfg: Config) -> dict:
     crm, crm_tokenizer = load_crm(crm_path, cfg.device)
     crm_losses = train_crm(cfg, crm, crm_tokenizer, train_pairs)
     save_folder_atomic(run_dir / "crm", crm, crm_tokenizer)
-    report = classification_report(crm_scores(crm, crm_tokenizer, test_pairs, cfg.device), [p["label"] for p in test_pairs])
+    with autocast(cfg.device, dtype):
+        test_probs = crm_scores(crm, crm_tokenizer, test_pairs, cfg.device)
+        rollout_probs = crm_scores(crm, crm_tokenizer, rollouts["test"], cfg.device)
+    report = classification_report(test_probs, [p["label"] for p in test_pairs])
     summary["crm"] = {**report, "final_loss": crm_losses[-1] if crm_losses else None}
     if embedded and not cfg.crm_data:  # the harder test: text the policy really writes
-        rollout_report = classification_report(crm_scores(crm, crm_tokenizer, rollouts["test"], cfg.device),
-                                               [p["label"] for p in rollouts["test"]])
+        rollout_report = classification_report(rollout_probs, [p["label"] for p in rollouts["test"]])
         summary["crm_on_policy_rollouts"] = {**rollout_report, "n_train": len(rollouts["train"]),
                                              "consistent_share": sum(p["label"] for p in rollouts["test"]) / max(1, len(rollouts["test"]))}
     summary["seconds"] = round(time.time() - started, 1)

@@ -4,7 +4,8 @@ For completion i of a prompt with true answer y:
 
   r_fmt_i  = format_weight  if the completion is exactly <think>...</think><answer>...</answer>
              (whitespace around them allowed, multi-line thinking allowed, non-empty answer), else 0
-  r_acc_i  = 1  if the last <answer> matches y (numbers with tolerance, option letters, normalised
+  r_acc_i  = 1  if the last <answer> matches y (stage1.answers_match: integers exactly, decimals within
+             a relative 1e-6, 1,000 / 1/2 / \\boxed{3} / $3$ read as numbers, option letters, normalised
              strings), else 0
   r_task_i = r_acc_i + r_fmt_i
   r_cons_i = lambda_cons * P_CRM(consistent | premise = question + thinking_i,
@@ -14,13 +15,19 @@ For completion i of a prompt with true answer y:
 The rule oracle of stage 1 (does the answer equal what the thinking concluded?) is recorded next
 to the CRM's probability for embedded tasks. It is ground truth for evaluation and analysis only;
 it is never a training reward. Malformed output (missing, nested, repeated or unclosed tags, an
-empty answer, garbage) is data: it scores 0 where it should and never raises.
+empty answer, garbage) is data: it scores 0 where it should and never raises, and every step runs in time
+linear in the completion's length (no regex that backtracks). A long answer reaches the CRM cut to a
+bounded number of tokens (stage 1's encode_pairs), never an error. Every reward is finite or the stage
+stops with the completion named: a NaN reward would turn its whole group's advantages into NaN.
 
 Reads:  runs/<run>/rollouts.jsonl (02_rollout.py), runs/<run>/crm/ (01_sft_rm.py).
-Writes: runs/<run>/rewards.jsonl, one row per prompt with one reward record per completion.
+Writes: runs/<run>/rewards.jsonl, one row per prompt with one reward record per completion. An empty or
+        broken rollouts.jsonl stops the stage before anything is written (the old rewards.jsonl stays).
 Run:    python 03_rewards.py [--lambda-cons 1.0]
 """
 import importlib
+import itertools
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,19 +51,33 @@ class Config:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the CRM runs
 
 
-STRICT_FORMAT_RE = re.compile(r"^\s*<think>(?:(?!</?think>|</?answer>).)*</think>\s*"
-                              r"<answer>(?:(?!</?think>|</?answer>).)*\S(?:(?!</?think>|</?answer>).)*</answer>\s*$",
-                              re.DOTALL)
+def check_config(cfg: Config) -> None:
+    """Refuse flags that would make a reward non-finite or a batch empty, before anything is loaded."""
+    for flag, value in [("--lambda-cons", cfg.lambda_cons), ("--format-weight", cfg.format_weight)]:
+        if not math.isfinite(value):
+            raise SystemExit(f"{flag} {value}: must be a finite number (it scales a reward).")
+    if cfg.crm_batch_size < 1:
+        raise SystemExit(f"--crm-batch-size {cfg.crm_batch_size}: must be at least 1.")
+
+
+TAG_RE = re.compile(r"</?(?:think|answer)>")  # one of the four tags; nothing repeats, so a scan is linear
 
 
 def format_reward(text: str, weight: float = 1.0) -> float:
-    """`weight` for exactly one <think> block then one non-empty <answer> block, nothing else.
+    """`weight` for exactly one <think> block then one non-empty <answer> block, nothing else: the tags are
+    exactly <think> </think> <answer> </answer> in that order, with only whitespace outside the blocks.
 
     Example: format_reward("<think>\\n1, 2\\n</think> <answer>2</answer>") -> 1.0;
              format_reward("<think>a</think><answer></answer>") -> 0.0 (empty answer);
              format_reward("<think><think>a</think></think><answer>2</answer>") -> 0.0 (nested).
     """
-    return weight if STRICT_FORMAT_RE.match(text) else 0.0
+    tags = list(itertools.islice(TAG_RE.finditer(text), 5))  # a fifth tag is already one too many
+    if [tag.group() for tag in tags] != stage1.REASONING_TAGS:
+        return 0.0
+    think_open, think_close, answer_open, answer_close = tags
+    outside = text[:think_open.start()] + text[think_close.end():answer_open.start()] + text[answer_close.end():]
+    answer = text[answer_open.end():answer_close.start()]
+    return weight if answer.strip() and not outside.strip() else 0.0
 
 
 def accuracy_reward(text: str, truth: str) -> float:
@@ -67,19 +88,30 @@ def accuracy_reward(text: str, truth: str) -> float:
 
 def consistency_rewards(crm, tokenizer, questions: list[str], texts: list[str], lambda_cons: float,
                         device, batch_size: int = 64) -> list[float]:
-    """lambda_cons * P(consistent) per completion; 0 (no CRM call) when think or answer is missing."""
+    """lambda_cons * P(consistent) per completion; 0 (no CRM call) when think or answer is missing.
+    A long thinking or answer is cut by tokens inside stage1.encode_pairs (never by characters here).
+    A non-finite probability (a CRM with NaN weights) is an error that names the completions."""
+    if not math.isfinite(lambda_cons):
+        raise ValueError(f"lambda_cons must be finite, got {lambda_cons}")
     parsed = [stage1.parse_completion(t) for t in texts]
     todo = [i for i, (think, answer) in enumerate(parsed) if think is not None and answer is not None]
-    pairs = [{"question": questions[i], "thinking": parsed[i][0], "answer": parsed[i][1][:200]} for i in todo]
+    pairs = [{"question": questions[i], "thinking": parsed[i][0], "answer": parsed[i][1]} for i in todo]
     rewards = [0.0] * len(texts)
     for i, p in zip(todo, stage1.crm_scores(crm, tokenizer, pairs, device, batch_size) if pairs else []):
         rewards[i] = lambda_cons * p
+    bad = [i for i in todo if not math.isfinite(rewards[i])]
+    if bad:
+        raise ValueError(f"the CRM gave a non-finite P(consistent) for {len(bad)} completions (indices "
+                         f"{bad[:10]}): its weights are probably broken; retrain it with 01_sft_rm.py or pass "
+                         f"another --crm.")
     return rewards
 
 
 def score_completions(texts: list[str], questions: list[str], truths: list[str], crm, crm_tokenizer,
                       cfg: Config, embedded: bool) -> list[dict]:
-    """Every reward component for every completion (flat lists, one entry per completion)."""
+    """Every reward component for every completion (flat lists, one entry per completion); all finite."""
+    if not math.isfinite(cfg.format_weight):
+        raise ValueError(f"format_weight must be finite, got {cfg.format_weight}")
     consistency = consistency_rewards(crm, crm_tokenizer, questions, texts, cfg.lambda_cons, cfg.device,
                                       cfg.crm_batch_size)
     records = []
@@ -92,16 +124,32 @@ def score_completions(texts: list[str], questions: list[str], truths: list[str],
     return records
 
 
+def check_rollouts(prompts: list[dict], path: Path) -> None:
+    """Stop before anything is written (or a model loaded) when the rollouts cannot be scored."""
+    remake = f"Rerun `python 02_rollout.py` to remake {path.name}."
+    if not prompts:
+        raise SystemExit(f"{path} holds no prompts: nothing to score. {remake}")
+    for number, p in enumerate(prompts, start=1):
+        fields = isinstance(p, dict) and all(key in p for key in ("row", "question", "answer", "completions"))
+        completions = p["completions"] if fields and isinstance(p["completions"], list) else []
+        if not completions or not all(isinstance(c, dict) and isinstance(c.get("text"), str) for c in completions):
+            raise SystemExit(f"{path}, prompt {number}: expected row, question, answer and a non-empty list of "
+                             f"completions, each with a text. {remake}")
+
+
 def main(cfg: Config) -> list[dict]:
+    check_config(cfg)
     run_dir = Path(cfg.runs_dir) / cfg.run
     embedded = stage1.read_stage1(run_dir)["config"]["dataset"] is None
-    prompts = stage1.read_jsonl(stage1.require(run_dir / "rollouts.jsonl", "python 02_rollout.py"))
+    rollouts = stage1.require(run_dir / "rollouts.jsonl", "python 02_rollout.py")
+    prompts = stage1.read_jsonl(rollouts)
+    check_rollouts(prompts, rollouts)
     crm, crm_tokenizer = stage1.load_crm(cfg.crm or str(stage1.require(run_dir / "crm", "python 01_sft_rm.py")),
                                          cfg.device)
     crm.eval()
     texts = [c["text"] for p in prompts for c in p["completions"]]
     questions = [p["question"] for p in prompts for _ in p["completions"]]
-    truths = [p["answer"] for p in prompts for _ in p["completions"]]
+    truths = [str(p["answer"]) for p in prompts for _ in p["completions"]]
     scores = score_completions(texts, questions, truths, crm, crm_tokenizer, cfg, embedded)
 
     rows, start = [], 0

@@ -24,11 +24,16 @@ cons_eps (the eps of z(r_cons) alone; default eps) damps it: with cons_eps = 0.0
 gives advantages of ~1e-5, while a group of 8 with one inconsistent member (std 0.354) keeps 88 %
 of its scale. The defaults keep eps (the measured table in the README); see there for 0.05.
 
+Rewards must be finite: one NaN makes its whole group's advantages NaN, so a non-finite reward is an
+error that names its prompt row and completion, never a NaN written to disk.
+
 Reads:  runs/<run>/rewards.jsonl (03_rewards.py).
-Writes: runs/<run>/advantages.jsonl, one row per prompt: the advantages and both z-scores.
+Writes: runs/<run>/advantages.jsonl, one row per prompt: the advantages and both z-scores. An empty or
+        broken rewards.jsonl stops the stage before anything is written (the old advantages.jsonl stays).
 Run:    python 04_hras.py [--advantage hras --alpha 1.0 --beta 1.0]
 """
 import importlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +56,26 @@ class Config:
     cons_eps: float = 1e-6  # added to the group std of r_cons in hras (e.g. 0.05 damps CRM noise; see above)
 
 
+def check_config(cfg: Config) -> None:
+    """Refuse flags that would give NaN or infinite advantages, before anything is read."""
+    if cfg.advantage not in ("hras", "grpo", "sum"):
+        raise SystemExit(f"--advantage {cfg.advantage}: use hras, grpo or sum.")
+    for flag, value in [("--alpha", cfg.alpha), ("--beta", cfg.beta)]:
+        if not math.isfinite(value):
+            raise SystemExit(f"{flag} {value}: must be a finite number.")
+    for flag, value in [("--eps", cfg.eps), ("--cons-eps", cfg.cons_eps)]:
+        if not (math.isfinite(value) and value >= 0):
+            raise SystemExit(f"{flag} {value}: must be a finite number >= 0 (it is added to a std).")
+
+
+def check_finite(name: str, rewards: torch.Tensor) -> None:
+    """A ValueError naming the indices of non-finite rewards: one NaN would make its whole group NaN."""
+    bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(f"{name} must be finite: {len(bad)} are not, at indices {bad[:10]} "
+                         f"(values {rewards[bad[:10]].tolist()}).")
+
+
 def group_zscore(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """(r - group mean) / (group sample std + eps); all-equal groups get 0. rewards: (N,) -> (N,).
 
@@ -62,6 +87,7 @@ def group_zscore(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> t
     if rewards.ndim != 1 or rewards.numel() % group_size:
         raise ValueError(f"expected a 1-D tensor whose length is a multiple of group_size={group_size}, "
                          f"got shape {tuple(rewards.shape)}")
+    check_finite("rewards", rewards)
     groups = rewards.float().view(-1, group_size)  # (K, G)
     mean = groups.mean(dim=1, keepdim=True)  # (K, 1)
     std = groups.std(dim=1, keepdim=True, unbiased=True)  # (K, 1)
@@ -119,7 +145,10 @@ def consistency_weight(step: int, total_steps: int, beta: float, schedule: str =
 
 def advantages(method: str, task: torch.Tensor, consistency: torch.Tensor, group_size: int,
                alpha: float = 1.0, beta: float = 1.0, eps: float = 1e-6, cons_eps: float | None = None) -> torch.Tensor:
-    """Dispatch on --advantage. (N,), (N,) -> (N,)"""
+    """Dispatch on --advantage. (N,), (N,) -> (N,). A non-finite reward is a ValueError naming its index."""
+    check_finite("task rewards", task)
+    if method in ("sum", "hras"):
+        check_finite("consistency rewards", consistency)
     if method == "grpo":
         return grpo_advantages(task, group_size, eps)
     if method == "sum":
@@ -129,15 +158,48 @@ def advantages(method: str, task: torch.Tensor, consistency: torch.Tensor, group
     raise ValueError(f"unknown advantage {method!r}: use hras, grpo or sum")
 
 
-def main(cfg: Config) -> list[dict]:
-    run_dir = Path(cfg.runs_dir) / cfg.run
-    prompts = stage1.read_jsonl(stage1.require(run_dir / "rewards.jsonl", "python 03_rewards.py"))
+def check_rewards(prompts: list[dict], path: Path) -> int:
+    """The group size G, or a stop before anything is written that names the file and the prompt: no prompts,
+    a missing or non-numeric reward, groups of unequal size or of one."""
+    remake = f"Rerun `python 03_rewards.py` to remake {path.name}."
+    if not prompts:
+        raise SystemExit(f"{path} holds no prompts: nothing to normalise. {remake}")
+    for number, p in enumerate(prompts, start=1):
+        records = p.get("rewards") if isinstance(p, dict) else None
+        if not (isinstance(records, list) and records and "row" in p and all(
+                isinstance(r, dict) and all(type(r.get(key)) in (int, float) for key in ("task", "consistency"))
+                for r in records)):
+            raise SystemExit(f"{path}, prompt {number}: expected a row and a non-empty list of rewards, each "
+                             f"with a numeric task and consistency. {remake}")
     sizes = {len(p["rewards"]) for p in prompts}
     if len(sizes) != 1:
-        raise SystemExit(f"{run_dir / 'rewards.jsonl'}: every prompt needs the same number of completions, got {sizes}.")
+        raise SystemExit(f"{path}: every prompt needs the same number of completions, got {sorted(sizes)}.")
     group_size = sizes.pop()
+    if group_size < 2:
+        raise SystemExit(f"{path}: a group of one completion has no baseline: sample G >= 2 per prompt "
+                         f"(02_rollout.py --group-size).")
+    return group_size
+
+
+def non_finite_rows(values: torch.Tensor, prompts: list[dict], group_size: int) -> list[str]:
+    """Where values (N,) are NaN or infinite, as 'prompt row R, completion j' (flat i = prompt i // G)."""
+    return [f"prompt row {prompts[i // group_size]['row']}, completion {i % group_size}"
+            for i in (~torch.isfinite(values)).nonzero().flatten().tolist()]
+
+
+def main(cfg: Config) -> list[dict]:
+    check_config(cfg)
+    run_dir = Path(cfg.runs_dir) / cfg.run
+    path = stage1.require(run_dir / "rewards.jsonl", "python 03_rewards.py")
+    prompts = stage1.read_jsonl(path)
+    group_size = check_rewards(prompts, path)
     task = torch.tensor([r["task"] for p in prompts for r in p["rewards"]])  # (N,)
     consistency = torch.tensor([r["consistency"] for p in prompts for r in p["rewards"]])  # (N,)
+    for name, values in [("task", task), ("consistency", consistency)]:
+        bad = non_finite_rows(values, prompts, group_size)
+        if bad:  # one NaN would make its whole group's advantages NaN
+            raise SystemExit(f"{path}: {len(bad)} {name} rewards are NaN or infinite ({'; '.join(bad[:5])}). "
+                             f"Nothing was written. Find what scored them (03_rewards.py) and rerun it.")
     adv = advantages(cfg.advantage, task, consistency, group_size, cfg.alpha, cfg.beta, cfg.eps, cfg.cons_eps)  # (N,)
     task_z, cons_z = group_zscore(task, group_size, cfg.eps), group_zscore(consistency, group_size, cfg.cons_eps)
 

@@ -12,11 +12,18 @@ Each step, in one visible loop:
                             - kl_beta * KL3_t ] / sum_{i,t} m_it
      KL3_t = exp(ref_t - new_t) - (ref_t - new_t) - 1      (k3 estimator, >= 0, to a frozen reference)
 
-Why the loss reads ~0: on-policy (the first update on a fresh batch) ratio = 1 and the advantages
-of each group sum to zero, so the loss value is ~0 while its gradient, sum A_i grad log pi, is not.
-Watch the rewards, not the loss.
-pi_old is the sampler's own log-probs of the same weights (stage 2 records them), not a second
-forward pass: equal in fp32 (a test checks it); under bf16 they differ by rounding only.
+What the loss reads: on-policy (the first update on a fresh batch, ratio = 1) it is
+-sum_i A_i |y_i| / sum_i |y_i|, zero only when the advantages do not correlate with the lengths |y_i|;
+its gradient, sum_i A_i sum_t grad log pi(y_it) / sum_i |y_i|, is what trains. Watch the rewards.
+pi_old: in fp32 the sampler's own log-probs (stage 2 records them) equal a forward pass of the same
+weights (a test checks it), so no second pass is needed. Under bf16 the sampler (one token at a time
+through a KV cache) and the update (the whole sequence at once) round differently, so ratio != 1 and
+the clip fires on a first update; --pi-old auto then recomputes pi_old with the update's own forward.
+
+Real sizes on one GPU: --dtype (bf16 compute on CUDA; trained weights stay fp32), --lora-rank (peft
+adapters on the language model; the reference is the same model with its adapters off),
+--freeze-vision-tower (visual features once per prompt, reused by its G rows), --gradient-checkpointing,
+--logprob-chunk, --micro-batch-size. bench/memory_plan.py gives the memory each one saves.
 
 Reads:  runs/<run>/{data,policy_sft,crm}/ and stage1.json (01_sft_rm.py).
 Writes: runs/<run>/<name>/ with metrics.jsonl (one line per step), samples.jsonl (decoded
@@ -30,7 +37,6 @@ import json
 import random
 import shutil
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,7 +83,15 @@ class Config:
     kl_beta: float = 0.0  # weight of the k3 KL to the frozen initial policy (0 = no reference model)
     updates_per_batch: int = 1  # optimiser steps per batch of rollouts (>1: off-policy, the clip matters)
     micro_batch_size: int = 64  # completions per forward/backward (gradient accumulation over the batch)
-    gradient_checkpointing: bool = False  # trade compute for memory on real models
+    gradient_checkpointing: bool = False  # keep only each decoder layer's input, recompute the rest in backward
+    logprob_chunk: int = 256  # completion positions per lm_head + log-softmax block (bounds the (b, chunk, V) logits)
+    freeze_vision_tower: bool = False  # train the language model only; the vision tower runs once per prompt
+    pi_old: str = "auto"  # sampler | recompute | auto: recompute under bf16 (the sampler's and update's forwards round differently)
+    # precision and LoRA
+    dtype: str = "auto"  # compute precision: auto = bf16 on CUDA, fp32 on CPU (01_sft_rm.compute_dtype)
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank through peft instead of every weight
+    lora_alpha: float = 32.0  # LoRA scale is alpha / rank
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # language-model linears to adapt
     # bookkeeping
     checkpoint_every: int = 25  # steps between checkpoints
     sample_every: int = 25  # steps between dumps of decoded completions
@@ -119,35 +133,85 @@ def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     return loss, stats
 
 
+def trainable_parameters(model) -> list:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def vision_is_frozen(model) -> bool:
+    """True when no vision-tower weight trains (--freeze-vision-tower, or LoRA on the language model)."""
+    return not any(p.requires_grad for p in stage1.unwrap(model).model.visual.parameters())
+
+
+def batch_logprobs(cfg: Config, model, prompt: dict, ids, mask, rows: list[int], visual) -> torch.Tensor:
+    """completion_logprobs of batch rows `rows`; row r belongs to prompt r // G, and so do its visual features."""
+    prompt_of = [r // cfg.group_size for r in rows]
+    features = [visual[k] for k in prompt_of] if visual is not None else None
+    with stage1.autocast(cfg.device, stage1.compute_dtype(cfg.device, cfg.dtype)):  # bf16 matmuls on CUDA
+        return stage1.completion_logprobs(model, prompt_rows(prompt, prompt_of), ids[rows], mask[rows],
+                                          cfg.temperature, cfg.logprob_chunk, features)  # (b, L)
+
+
+def reference_logprobs(cfg: Config, model, reference, prompt: dict, ids, mask, rows: list[int], visual):
+    """The frozen reference's log-probs: the same model with its LoRA adapters switched off, or a second copy."""
+    with torch.no_grad():
+        if reference is None:  # LoRA: the base weights are the initial policy
+            with model.disable_adapter():
+                return batch_logprobs(cfg, model, prompt, ids, mask, rows, visual)
+        return batch_logprobs(cfg, reference, prompt, ids, mask, rows, visual if vision_is_frozen(model) else None)
+
+
 def update(cfg: Config, model, reference, optimizer, scheduler, prompt: dict, ids, mask, old_logprobs,
            advantages) -> dict:
     """updates_per_batch optimiser steps over the batch, each accumulated over micro-batches."""
     N, n_tokens = ids.shape[0], int(mask.sum())
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ids.is_cuda else nullcontext()
+    micro_batches = [list(range(s, min(N, s + cfg.micro_batch_size))) for s in range(0, N, cfg.micro_batch_size)]
     totals = {"loss": 0.0, "kl": 0.0, "clipped": 0.0}
+    visual = None
+    if vision_is_frozen(model):  # each prompt's image through the vision tower once, not once per row
+        with torch.no_grad(), stage1.autocast(cfg.device, stage1.compute_dtype(cfg.device, cfg.dtype)):
+            visual = stage1.image_features(model, prompt)  # B tensors (n_b, H)
+    if pi_old_recomputed(cfg):  # the update's own forward, so that ratio = 1 on the first update
+        with torch.no_grad():
+            old_logprobs = torch.cat([batch_logprobs(cfg, model, prompt, ids, mask, rows, visual)
+                                      for rows in micro_batches]).float()  # (N, L)
     model.train()
     for _ in range(cfg.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
-        for start in range(0, N, cfg.micro_batch_size):
-            rows = list(range(start, min(N, start + cfg.micro_batch_size)))
-            sub = prompt_rows(prompt, [r // cfg.group_size for r in rows])  # row r belongs to prompt r // G
-            with autocast:
-                new = stage1.completion_logprobs(model, sub, ids[rows], mask[rows], cfg.temperature)  # (b, L)
-                ref = None
-                if cfg.kl_beta > 0:
-                    with torch.no_grad():
-                        ref = stage1.completion_logprobs(reference, sub, ids[rows], mask[rows], cfg.temperature)
+        for rows in micro_batches:
+            new = batch_logprobs(cfg, model, prompt, ids, mask, rows, visual)  # (b, L)
+            ref = None
+            if cfg.kl_beta > 0:
+                ref = reference_logprobs(cfg, model, reference, prompt, ids, mask, rows, visual)
             loss, stats = policy_loss(new, old_logprobs[rows], advantages[rows], mask[rows], cfg.clip_low,
                                       cfg.clip_high, cfg.kl_beta, ref, n_tokens)
             loss.backward()
             totals["loss"] += loss.item()
             totals["kl"] += stats["kl"] / n_tokens
             totals["clipped"] += stats["clipped"] / n_tokens
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
     model.eval()
     return {k: v / cfg.updates_per_batch for k, v in totals.items()}
+
+
+def pi_old_recomputed(cfg: Config) -> bool:
+    """--pi-old auto: recompute when the compute is not fp32 (then sampler and update round differently)."""
+    if cfg.pi_old not in ("auto", "sampler", "recompute"):
+        raise SystemExit(f"--pi-old {cfg.pi_old}: use auto, sampler or recompute.")
+    fp32 = stage1.compute_dtype(cfg.device, cfg.dtype) == torch.float32
+    return cfg.pi_old == "recompute" or (cfg.pi_old == "auto" and not fp32)
+
+
+def add_lora(cfg: Config, model):
+    """Wrap the policy with peft LoRA adapters on the language model's linears; everything else is frozen.
+    The targets are matched inside `language_model` only: Qwen2.5-VL's vision MLP also has a gate_proj."""
+    from peft import LoraConfig, get_peft_model  # imported only when LoRA is used
+
+    names = "|".join(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
+    lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                      target_modules=rf".*language_model.*\.(?:{names})")
+    return get_peft_model(model, lora)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -203,19 +267,34 @@ def main(cfg: Config) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     init = cfg.init or str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))
 
-    # models: the policy, an optional frozen reference, the frozen CRM
+    # models: the policy, an optional frozen reference, the frozen CRM. Frozen weights are stored in the compute
+    # dtype (bf16 on CUDA); trained weights in fp32 (master weights, bf16 matmuls under autocast): 01_sft_rm.compute_dtype
+    dtype = stage1.compute_dtype(cfg.device, cfg.dtype)
     checkpoint = latest_checkpoint(out_dir) if cfg.resume else None
-    model, processor = stage1.load_policy(str(checkpoint or init), cfg.device)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.lora_rank > 0:  # a frozen base in the compute dtype + fp32 adapters (peft's default for a bf16 base)
+        if checkpoint:
+            model, processor = stage1.load_policy(str(checkpoint), cfg.device, dtype=dtype, trainable=True)
+        else:
+            model, processor = stage1.load_policy(init, cfg.device, dtype=dtype)
+            torch.manual_seed(cfg.seed)  # LoRA's A matrices start random (B at zero): the same seed, the same start
+            model = add_lora(cfg, model)
+    else:
+        model, processor = stage1.load_policy(str(checkpoint or init), cfg.device, dtype=torch.float32)
+    if cfg.freeze_vision_tower:
+        stage1.unwrap(model).model.visual.requires_grad_(False)
+    if cfg.gradient_checkpointing:  # non-reentrant: works when the input embeddings need no gradient (LoRA)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.eval()
-    reference = stage1.load_policy(init, cfg.device)[0].eval().requires_grad_(False) if cfg.kl_beta > 0 else None
-    crm, crm_tokenizer = stage1.load_crm(cfg.crm or str(stage1.require(run_dir / "crm", "python 01_sft_rm.py")), cfg.device)
+    reference = None  # LoRA: the reference is the policy with its adapters off (reference_logprobs)
+    if cfg.kl_beta > 0 and cfg.lora_rank == 0:
+        reference = stage1.load_policy(init, cfg.device, dtype=dtype)[0].eval().requires_grad_(False)
+    crm_path = cfg.crm or str(stage1.require(run_dir / "crm", "python 01_sft_rm.py"))
+    crm, crm_tokenizer = stage1.load_crm(crm_path, cfg.device, dtype=dtype)
     crm.eval().requires_grad_(False)
     reward_cfg = stage3.Config(lambda_cons=cfg.lambda_cons, format_weight=cfg.format_weight, device=cfg.device)
     stop_ids, forbidden = stage1.stop_token_ids(processor), stage2.forbidden_token_ids(processor)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 5))  # 5-step warm-up
     prompt_rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -244,9 +323,9 @@ def main(cfg: Config) -> dict:
         images = [stage1.row_image(train, i, columns["image"]) for i in rows]
         questions = [train[i][columns["question"]] for i in rows]
         prompt = stage1.to_device(stage1.encode_prompts(processor, images, questions), cfg.device)
-        with torch.autocast("cuda", dtype=torch.bfloat16) if cfg.device.startswith("cuda") else nullcontext():
-            ids, mask, old_logprobs, truncated = stage2.sample_completions(
-                model, prompt, cfg.group_size, cfg.max_new_tokens, stop_ids, forbidden,
+        with stage1.autocast(cfg.device, dtype):
+            ids, mask, old_logprobs, truncated = stage2.sample_completions(  # LoRA layers sit inside unwrap(model)
+                stage1.unwrap(model), prompt, cfg.group_size, cfg.max_new_tokens, stop_ids, forbidden,
                 processor.tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, generator)
         texts = processor.batch_decode(ids, skip_special_tokens=True)  # padding and stop tokens are special: skipped
         # 3. rewards
@@ -260,12 +339,13 @@ def main(cfg: Config) -> dict:
         advantages = stage4.advantages(cfg.advantage, task, consistency, cfg.group_size, cfg.alpha, beta_t, cfg.eps,
                                        cfg.cons_eps)
         # 5. update
+        lr = scheduler.get_last_lr()[0]  # the rate this step's update uses (the scheduler steps after it)
         losses = update(cfg, model, reference, optimizer, scheduler, prompt, ids, mask, old_logprobs, advantages)
 
         crm_probs = [s["consistency"] / cfg.lambda_cons if cfg.lambda_cons else 0.0 for s in scores]
         row = {"step": step + 1, **step_metrics(scores, crm_probs, mask.sum(1), truncated, advantages,
                                                  cfg.group_size, old_logprobs, mask),
-               **losses, "beta_t": beta_t, "lr": scheduler.get_last_lr()[0], "seconds": round(time.time() - started, 2)}
+               **losses, "beta_t": beta_t, "lr": lr, "seconds": round(time.time() - started, 2)}
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         bar.set_postfix(acc=f"{row['accuracy']:.2f}", cons=f"{row['crm_consistency']:.2f}", kl=f"{row['kl']:.3f}")

@@ -61,6 +61,7 @@ class Config:
     train_steps: int = 80  # stage 5 steps per run
     scale: int = 1  # multiply train_steps and prompts per step (e.g. 4 on a GPU)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where models run
+    dtype: str = "auto"  # compute precision: auto = bf16 on CUDA, fp32 on CPU (01_sft_rm.compute_dtype)
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -193,7 +194,7 @@ def reproduce(cfg: Config) -> None:
     """Stage 1 once, then every (method, seed) run of stage 5 from the same SFT checkpoint."""
     run_dir = Path(cfg.runs_dir) / cfg.run
     if not (run_dir / "stage1.json").exists():
-        stage1.main(stage1.Config(run=cfg.run, runs_dir=cfg.runs_dir, device=cfg.device))
+        stage1.main(stage1.Config(run=cfg.run, runs_dir=cfg.runs_dir, device=cfg.device, dtype=cfg.dtype))
     for method in cfg.methods.split(","):
         for seed in (int(s) for s in cfg.seeds.split(",")):
             name = f"{method}_seed{seed}"
@@ -202,7 +203,7 @@ def reproduce(cfg: Config) -> None:
                 continue
             stage5.main(stage5.Config(run=cfg.run, runs_dir=cfg.runs_dir, name=name, advantage=method, seed=seed,
                                       steps=cfg.train_steps * cfg.scale, prompts_per_step=8 * cfg.scale,
-                                      resume=True, device=cfg.device))
+                                      resume=True, device=cfg.device, dtype=cfg.dtype))
 
 
 def main(cfg: Config) -> dict:
@@ -220,13 +221,14 @@ def main(cfg: Config) -> dict:
     else:
         checkpoints = {"sft": str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))}
         checkpoints |= {p.parent.name: str(p) for p in sorted(run_dir.glob("*/policy"))}
-    crm, crm_tokenizer = stage1.load_crm(str(stage1.require(run_dir / "crm", "python 01_sft_rm.py")), cfg.device)
+    dtype = stage1.compute_dtype(cfg.device, cfg.dtype)  # nothing trains here: every model is stored in it
+    crm, crm_tokenizer = stage1.load_crm(str(stage1.require(run_dir / "crm", "python 01_sft_rm.py")), cfg.device, dtype)
     crm.eval()
 
     per_checkpoint = {}
     for name, path in tqdm(checkpoints.items(), desc="evaluating"):
-        model, processor = stage1.load_policy(path, cfg.device)
-        per_checkpoint[name] = evaluate(model.eval(), processor, test, stage2.data_columns(stage1_config), crm,
+        model, processor = stage1.load_policy(path, cfg.device, dtype=dtype)  # a LoRA policy: base + adapter
+        per_checkpoint[name] = evaluate(stage1.unwrap(model).eval(), processor, test, stage2.data_columns(stage1_config), crm,
                                         crm_tokenizer, cfg, embedded)
         del model
     grouped: dict[str, list[dict]] = {}
