@@ -49,6 +49,7 @@ class Config:
     format_weight: float = 1.0  # reward for a well-formed completion
     crm_batch_size: int = 64  # pairs per CRM forward
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the CRM runs
+    dtype: str = "auto"  # compute precision: auto = bf16 on CUDA, fp32 on CPU (01_sft_rm.compute_dtype)
 
 
 def check_config(cfg: Config) -> None:
@@ -145,7 +146,7 @@ def main(cfg: Config) -> list[dict]:
     prompts = stage1.read_jsonl(rollouts)
     check_rollouts(prompts, rollouts)
     crm, crm_tokenizer = stage1.load_crm(cfg.crm or str(stage1.require(run_dir / "crm", "python 01_sft_rm.py")),
-                                         cfg.device)
+                                         cfg.device, stage1.compute_dtype(cfg.device, cfg.dtype))
     crm.eval()
     texts = [c["text"] for p in prompts for c in p["completions"]]
     questions = [p["question"] for p in prompts for _ in p["completions"]]
