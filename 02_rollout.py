@@ -16,6 +16,12 @@ Each completion records its token ids, the log-prob of each token under softmax(
 (the same quantity stage 5 recomputes: before top-k/top-p and the forbidden-token mask, which
 only steer the sampler), its length, whether it ran out of budget (truncated), and its text.
 
+sample_completions is the loop to read. sample_completions_fast takes the same arguments and
+draws the same random numbers, so it returns the same tokens; it runs step 3 over buffers
+allocated once (a KV cache of prompt + budget slots, a full-width attention mask), with the
+one-token forward compiled by torch.compile, on CUDA as a CUDA graph. `--fast` picks one:
+auto = the fast path on CUDA, the simple loop on the CPU (bench/bench_rollout.py times both).
+
 Reads:  runs/<run>/policy_sft/ (or --policy), runs/<run>/data/ and stage1.json (from 01_sft_rm.py).
 Writes: runs/<run>/rollouts.jsonl, one row per prompt with its G completions.
 Run:    python 02_rollout.py [--n-prompts 16 --group-size 8 --temperature 1.0]
@@ -50,6 +56,8 @@ class Config:
     top_k: int = 0  # keep the k most likely tokens (0 = off)
     top_p: float = 1.0  # keep the smallest set with this much probability (1 = off)
     seed: int = 0  # seeds prompt choice and sampling
+    fast: str = "auto"  # on = sample_completions_fast, off = the simple loop, auto = on for CUDA only (on a CPU
+    # the tiny policy's step costs about the same either way, so the readable loop stays the one that runs)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the policy runs
 
 
@@ -83,6 +91,22 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
+def next_tokens(logits: torch.Tensor, forbidden_ids: list[int], temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step's choice, in fp32 whatever the model's dtype: the next token of each row (N,) and the
+    log-probs it is recorded under, log softmax(logits / T) (N, V). logits: (N, V). temperature 0 = greedy."""
+    logits = logits.float()  # (N, V)
+    recorded = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)  # (N, V)
+    allowed = logits.clone()
+    allowed[:, forbidden_ids] = float("-inf")
+    if temperature > 0:
+        allowed = filter_top_k_top_p(allowed / temperature, top_k, top_p)
+        token = torch.multinomial(torch.softmax(allowed, dim=-1), 1, generator=generator).squeeze(-1)  # (N,)
+    else:
+        token = allowed.argmax(dim=-1)  # (N,)
+    return token, recorded
+
+
 @torch.no_grad()
 def sample_completions(model, prompt: dict, group_size: int, max_new_tokens: int, stop_ids: list[int],
                        forbidden_ids: list[int], pad_id: int, temperature: float = 1.0, top_k: int = 0,
@@ -110,15 +134,7 @@ def sample_completions(model, prompt: dict, group_size: int, max_new_tokens: int
     finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
     stop, cache_name = torch.tensor(stop_ids, device=device), cache_kwarg(model)
     for t in range(max_new_tokens):  # 3. decode
-        logits = logits.float()  # (N, V)
-        recorded = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)  # (N, V)
-        allowed = logits.clone()
-        allowed[:, forbidden_ids] = float("-inf")
-        if temperature > 0:
-            allowed = filter_top_k_top_p(allowed / temperature, top_k, top_p)
-            token = torch.multinomial(torch.softmax(allowed, dim=-1), 1, generator=generator).squeeze(-1)  # (N,)
-        else:
-            token = allowed.argmax(dim=-1)  # (N,)
+        token, recorded = next_tokens(logits, forbidden_ids, temperature, top_k, top_p, generator)  # (N,), (N, V)
         token = torch.where(finished, pad_id, token)  # finished rows only pad
         ids[:, t], mask[:, t] = token, (~finished).long()
         logprobs[:, t] = recorded.gather(-1, token.unsqueeze(-1)).squeeze(-1) * (~finished)
@@ -133,6 +149,221 @@ def sample_completions(model, prompt: dict, group_size: int, max_new_tokens: int
         logits, next_position = out.logits[:, -1], next_position + 1
     length = int(mask.sum(dim=1).max())  # drop columns that only hold padding
     return ids[:, :length], mask[:, :length], logprobs[:, :length], ~finished
+
+
+# ----------------------------------------------------------------------------- the fast path
+# The loop above launches a few hundred small kernels per token from Python and grows its cache by concatenation:
+# on a GPU the step waits on those launches, not on memory (`python bench/bench_rollout.py --profile` shows it).
+# The fast path keeps steps 1-4 and changes only how a step runs: every tensor the decode step touches is
+# allocated once, with a fixed shape and a fixed address, so torch.compile compiles the step once and, on CUDA,
+# records it as one CUDA graph that replays in a single launch.
+class SlotCache:
+    """A KV cache preallocated as N rows x W slots per layer; `update` writes the slot `self.slot` holds.
+
+    It stands in for transformers' Cache in the decode forward, where attention calls only
+    update(key, value, layer_idx) (with the mask prepared and the positions given, nothing else is asked).
+    """
+
+    def __init__(self, layers: int, rows: int, kv_heads: int, width: int, head_dim: int, key_dtype, value_dtype,
+                 device):
+        self.keys = [torch.zeros(rows, kv_heads, width, head_dim, dtype=key_dtype, device=device)
+                     for _ in range(layers)]  # per layer (N, H_kv, W, D)
+        self.values = [torch.zeros(rows, kv_heads, width, head_dim, dtype=value_dtype, device=device)
+                       for _ in range(layers)]  # per layer (N, H_kv, W, D)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # (1,): where this step's key and value go
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """key, value: (N, H_kv, 1, D), written in place -> the layer's whole (N, H_kv, W, D) keys and values."""
+        self.keys[layer_idx].index_copy_(2, self.slot, key)
+        self.values[layer_idx].index_copy_(2, self.slot, value)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+class StaticDecoder:
+    """The fast path's decode state for N rows and W slots, and the one-token step compiled over it.
+
+    Slots of a row: [0, P) its prompt (left padding masked out), P + t the token fed at step t, the rest masked
+    until used. The step's inputs (token, mRoPE position, mask, cache) are preallocated buffers updated in place,
+    so it compiles once per (N, W) and is reused by every later call of that shape (see decoder_for).
+    """
+
+    def __init__(self, model, prefill_cache, rows: int, width: int, compile_mode: str | None):
+        attention = model.config._attn_implementation
+        if attention not in ("sdpa", "eager"):
+            raise ValueError(f"the fast sampler builds its own attention mask for sdpa or eager attention, not "
+                             f"{attention!r}: load the model with attn_implementation='sdpa', or use --fast off")
+        first = prefill_cache.layers[0]
+        _, kv_heads, _, head_dim = first.keys.shape
+        device = first.keys.device
+        self.cache = SlotCache(len(prefill_cache.layers), rows, kv_heads, width, head_dim, first.keys.dtype,
+                               first.values.dtype, device)  # dtypes as the prefill's (autocast may mix them)
+        self.mask = torch.zeros(rows, 1, 1, width, dtype=torch.bool, device=device)  # (N, 1, 1, W): True = attend
+        self.token = torch.zeros(rows, 1, dtype=torch.long, device=device)  # (N, 1): the token fed
+        self.position = torch.zeros(3, rows, 1, dtype=torch.long, device=device)  # (3, N, 1): its mRoPE position
+        if compile_mode is not None:
+            buffers = [self.mask, self.token, self.position, self.cache.slot, *self.cache.keys, *self.cache.values]
+            for buffer in buffers:
+                torch._dynamo.mark_static_address(buffer)  # a CUDA graph reads these addresses, never copies
+        self.model, self.cache_name, self.additive = model, cache_kwarg(model), attention == "eager"
+        self.prompt_length = 0
+        started = time.perf_counter()
+        self.compile_mode = self.compile(compile_mode)
+        self.setup_seconds = time.perf_counter() - started  # compile + CUDA-graph capture, paid once per shape
+
+    def forward(self, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """token (N, 1), position (3, N, 1), mask (N, 1, 1, W) -> next logits (N, V); writes one cache slot."""
+        if self.additive:  # eager attention adds its mask to the scores
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        out = self.model(input_ids=token, attention_mask={"full_attention": mask}, position_ids=position,
+                         use_cache=True, **{self.cache_name: self.cache})  # a dict mask is used as given
+        return out.logits[:, -1]
+
+    def compile(self, mode: str | None) -> str | None:
+        """Compile the step and run it until captured. Should that fail, fall back, loudly:
+        reduce-overhead (CUDA graphs) -> default (compiled, no graphs) -> eager. Returns the mode in use."""
+        self.compiled = None
+        if mode is None:
+            return None
+        from torch._dynamo.utils import counters
+
+        fallbacks = [mode] + (["default"] if mode == "reduce-overhead" else []) + [None]
+        for candidate in fallbacks:
+            self.compiled = None if candidate is None else torch.compile(
+                self.forward, mode=candidate, dynamic=False, fullgraph=True)  # fixed shapes, one graph, no breaks
+            skipped = counters["inductor"]["cudagraph_skips"]
+            try:
+                self.mask[:, 0, 0, 0] = True  # a dummy row to attend to; start() overwrites all of it
+                for _ in range(3):  # CUDA graph trees: a warm-up run, a recording, a replay
+                    self.run()
+            except Exception as error:  # any failure to compile or capture: fall back
+                if candidate is None:
+                    raise
+                print(f"\n{'!' * 100}\nWARNING: the fast sampler's decode step failed under torch.compile "
+                      f"mode={candidate!r}:\n  {type(error).__name__}: {str(error)[:500]}\n"
+                      f"falling back to {fallbacks[fallbacks.index(candidate) + 1]!r}\n{'!' * 100}\n", flush=True)
+                continue
+            if counters["inductor"]["cudagraph_skips"] > skipped:
+                print(f"\n{'!' * 100}\nWARNING: CUDA graphs were skipped for the fast sampler's step (run with "
+                      f"TORCH_LOGS=perf_hints to see why): it runs compiled, launch by launch\n{'!' * 100}\n",
+                      flush=True)
+            return candidate
+
+    def run(self) -> torch.Tensor:
+        if self.compiled is None:
+            return self.forward(self.token, self.position, self.mask)
+        torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed: a graph may reuse them
+        return self.compiled(self.token, self.position, self.mask)
+
+    def start(self, prefill_cache, prompt_mask: torch.Tensor, next_position: torch.Tensor, group_size: int):
+        """Copy B prefilled prompts into the N = B * G rows (row b * G + g gets prompt b) at slots [0, P).
+        prompt_mask: (B, P); next_position: (3, B, 1), the first decode position of each prompt."""
+        B, P = prompt_mask.shape
+        for keys, values, layer in zip(self.cache.keys, self.cache.values, prefill_cache.layers):
+            rows_by_prompt = (B, group_size) + keys.shape[1:]  # (B, G, H_kv, W, D): a view, nothing copied
+            keys.view(rows_by_prompt)[:, :, :, :P].copy_(layer.keys.unsqueeze(1))
+            values.view(rows_by_prompt)[:, :, :, :P].copy_(layer.values.unsqueeze(1))
+        self.mask.zero_()
+        self.mask[:, 0, 0, :P] = prompt_mask.bool().repeat_interleave(group_size, dim=0)
+        self.position.copy_(next_position.repeat_interleave(group_size, dim=1))
+        self.prompt_length = P
+
+    def step(self, token: torch.Tensor, t: int) -> torch.Tensor:
+        """Feed token (N,) at step t (slot P + t) -> the next logits (N, V)."""
+        slot = self.prompt_length + t
+        self.mask[:, 0, 0, slot] = True  # the token attends to itself and, from now on, is attended to
+        self.cache.slot.fill_(slot)
+        self.token.copy_(token.unsqueeze(-1))
+        logits = self.run()
+        self.position += 1
+        return logits
+
+
+DECODERS: dict[tuple, StaticDecoder] = {}  # (model id, rows, width, dtypes, mode) -> decoder, for the last model
+MAX_DECODERS = 4  # shapes kept at once: each holds its own KV cache (and, on CUDA, its graph's memory)
+
+
+def decoder_for(model, prefill_cache, rows: int, width: int, compile_mode: str | None) -> StaticDecoder:
+    """The StaticDecoder of this shape, built (and compiled) on first use. Decoders are kept for the last model
+    sampled from: a new model drops the old ones, their caches and their compiled steps."""
+    layer = prefill_cache.layers[0]
+    key = (id(model), rows, width, layer.keys.dtype, layer.values.dtype, str(layer.keys.device), compile_mode)
+    if any(k[0] != id(model) for k in DECODERS):
+        compiled = any(d.compile_mode for d in DECODERS.values())
+        DECODERS.clear()
+        if compiled:
+            torch._dynamo.reset()  # forget their compiled steps and CUDA graphs (or torch's recompile limit bites)
+    if key not in DECODERS:
+        if len(DECODERS) >= MAX_DECODERS:
+            DECODERS.pop(next(iter(DECODERS)))  # the oldest shape
+        DECODERS[key] = StaticDecoder(model, prefill_cache, rows, width, compile_mode)
+    return DECODERS[key]
+
+
+def default_compile_mode(device) -> str | None:
+    """CUDA: "reduce-overhead", i.e. torch.compile + CUDA graphs, the step replayed in one launch. CPU: None, the
+    step runs eagerly: compiled, the embedded policy's step ran slower, after a cold compile of tens of seconds."""
+    return "reduce-overhead" if torch.device(device).type == "cuda" else None
+
+
+@torch.no_grad()
+def sample_completions_fast(model, prompt: dict, group_size: int, max_new_tokens: int, stop_ids: list[int],
+                            forbidden_ids: list[int], pad_id: int, temperature: float = 1.0, top_k: int = 0,
+                            top_p: float = 1.0, generator: torch.Generator | None = None,
+                            stop_check_every: int = 4, compile_mode: str | None = "auto", width_multiple: int = 64):
+    """sample_completions with a preallocated cache and a compiled decode step. Same arguments and returns, the
+    same random draws from the same generator, so the same tokens, and log-probs equal up to float rounding.
+
+    compile_mode: a torch.compile mode, None (eager), or "auto" (default_compile_mode of the model's device).
+    width_multiple: cache width W = prompt + budget rounded up to a multiple of it, so that batches whose prompts
+    differ by a few tokens share one compiled step.
+    """
+    B, G = prompt["input_ids"].shape[0], group_size
+    positions, _ = model.model.get_rope_index(
+        prompt["input_ids"], mm_token_type_ids=prompt["mm_token_type_ids"],
+        image_grid_thw=prompt["image_grid_thw"], attention_mask=prompt["attention_mask"])  # (3, B, P)
+    out = model(**prompt, position_ids=positions, use_cache=True, logits_to_keep=1)  # 1. prefill, once per prompt
+    prefill = out.cache if "cache" in out else out.past_key_values
+    N, P, device = B * G, prompt["input_ids"].shape[1], out.logits.device
+    if compile_mode == "auto":
+        compile_mode = default_compile_mode(device)
+    width = -(-(P + max_new_tokens) // width_multiple) * width_multiple  # W: P + budget, rounded up
+    decoder = decoder_for(model, prefill, N, width, compile_mode)
+    decoder.start(prefill, prompt["attention_mask"], positions[:, :, -1:] + 1, G)  # 2. expand into the N rows
+    logits = out.logits[:, -1].repeat_interleave(G, dim=0)  # (N, V)
+    del out, prefill  # the prompt's cache now lives in the decoder's slots
+
+    ids = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (N, L)
+    mask = torch.zeros((N, max_new_tokens), dtype=torch.long, device=device)  # (N, L)
+    logprobs = torch.zeros((N, max_new_tokens), device=device)  # (N, L)
+    finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
+    stop = torch.tensor(stop_ids, device=device)
+    for t in range(max_new_tokens):  # 3. decode: the same choice and bookkeeping as sample_completions
+        token, recorded = next_tokens(logits, forbidden_ids, temperature, top_k, top_p, generator)  # (N,), (N, V)
+        token = torch.where(finished, pad_id, token)
+        ids[:, t], mask[:, t] = token, (~finished).long()
+        logprobs[:, t] = recorded.gather(-1, token.unsqueeze(-1)).squeeze(-1) * (~finished)
+        finished = finished | torch.isin(token, stop)  # 4. stop
+        if (t + 1) % stop_check_every == 0 and bool(finished.all()):
+            break
+        if t + 1 == max_new_tokens:
+            break
+        logits = decoder.step(token, t)  # (N, V)
+    length = int(mask.sum(dim=1).max())
+    return ids[:, :length], mask[:, :length], logprobs[:, :length], ~finished
+
+
+def use_fast(fast: bool | str, device) -> bool:
+    """Config.fast -> bool: True/"on", False/"off", or "auto" (on for CUDA only)."""
+    if isinstance(fast, bool):
+        return fast
+    if fast not in ("auto", "on", "off"):
+        raise ValueError(f"fast={fast!r}: use on, off or auto")
+    return fast == "on" or (fast == "auto" and torch.device(device).type == "cuda")
+
+
+def sampler(fast: bool | str, device):
+    """The sampler one flag picks: sample_completions_fast or sample_completions (same arguments, same returns)."""
+    return sample_completions_fast if use_fast(fast, device) else sample_completions
 
 
 def to_rollouts(processor, ids: torch.Tensor, mask: torch.Tensor, logprobs: torch.Tensor,
@@ -158,6 +389,7 @@ def forbidden_token_ids(processor) -> list[int]:
 def rollout_prompts(model, processor, data, rows: list[int], columns: dict, cfg, generator=None) -> list[dict]:
     """Roll out G completions for each data row; returns one dict per prompt (the rollouts.jsonl rows)."""
     stop_ids, forbidden = stage1.stop_token_ids(processor), forbidden_token_ids(processor)
+    sample = sampler(getattr(cfg, "fast", "auto"), cfg.device)  # a config without the field: the default
     records = []
     for start in tqdm(range(0, len(rows), cfg.prompts_per_batch), desc="rollouts", leave=False,
                       disable=len(rows) <= cfg.prompts_per_batch):  # a bar only when there are several batches
@@ -165,8 +397,8 @@ def rollout_prompts(model, processor, data, rows: list[int], columns: dict, cfg,
         images = [stage1.row_image(data, i, columns["image"]) for i in chunk]
         prompt = stage1.to_device(stage1.encode_prompts(processor, images, [data[i][columns["question"]] for i in chunk]),
                                   cfg.device)
-        tensors = sample_completions(model, prompt, cfg.group_size, cfg.max_new_tokens, stop_ids, forbidden,
-                                     processor.tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+        tensors = sample(model, prompt, cfg.group_size, cfg.max_new_tokens, stop_ids, forbidden,
+                         processor.tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, generator)
         rollouts = to_rollouts(processor, *tensors)
         for k, row in enumerate(chunk):
             group = rollouts[k * cfg.group_size: (k + 1) * cfg.group_size]
