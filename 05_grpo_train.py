@@ -74,6 +74,7 @@ class Config:
     temperature: float = 1.0  # sampling temperature (also divides the logits in the update)
     top_k: int = 0  # sampler top-k (0 = off)
     top_p: float = 1.0  # sampler top-p (1 = off)
+    fast: str = "auto"  # sampler: on = static KV cache + compiled step, off = the simple loop, auto = on on CUDA
     # update
     lr: float = 2e-4  # AdamW learning rate, after a 5-step linear warm-up (tiny model; ~1e-6 for 2B+)
     weight_decay: float = 0.0  # AdamW weight decay
@@ -191,6 +192,7 @@ def update(cfg: Config, model, reference, optimizer, scheduler, prompt: dict, id
         torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.grad_clip)
         optimizer.step()
         scheduler.step()
+        optimizer.zero_grad(set_to_none=True)  # free the gradients now: the next rollout needs the memory
     model.eval()
     return {k: v / cfg.updates_per_batch for k, v in totals.items()}
 
@@ -280,8 +282,8 @@ def main(cfg: Config) -> dict:
             model = add_lora(cfg, model)
     else:
         model, processor = stage1.load_policy(str(checkpoint or init), cfg.device, dtype=torch.float32)
-    if cfg.freeze_vision_tower:
-        stage1.unwrap(model).model.visual.requires_grad_(False)
+    if cfg.freeze_vision_tower:  # frozen, so stored in the compute dtype like every frozen weight
+        stage1.unwrap(model).model.visual.requires_grad_(False).to(dtype)
     if cfg.gradient_checkpointing:  # non-reentrant: works when the input embeddings need no gradient (LoRA)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.eval()
@@ -294,7 +296,8 @@ def main(cfg: Config) -> dict:
     reward_cfg = stage3.Config(lambda_cons=cfg.lambda_cons, format_weight=cfg.format_weight, device=cfg.device)
     stop_ids, forbidden = stage1.stop_token_ids(processor), stage2.forbidden_token_ids(processor)
 
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=cfg.device.startswith("cuda"))  # one kernel, no per-tensor temporaries
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 5))  # 5-step warm-up
     prompt_rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -324,7 +327,7 @@ def main(cfg: Config) -> dict:
         questions = [train[i][columns["question"]] for i in rows]
         prompt = stage1.to_device(stage1.encode_prompts(processor, images, questions), cfg.device)
         with stage1.autocast(cfg.device, dtype):
-            ids, mask, old_logprobs, truncated = stage2.sample_completions(  # LoRA layers sit inside unwrap(model)
+            ids, mask, old_logprobs, truncated = stage2.sampler(cfg.fast, cfg.device)(  # LoRA layers sit inside unwrap()
                 stage1.unwrap(model), prompt, cfg.group_size, cfg.max_new_tokens, stop_ids, forbidden,
                 processor.tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, generator)
         texts = processor.batch_decode(ids, skip_special_tokens=True)  # padding and stop tokens are special: skipped

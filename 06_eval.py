@@ -52,6 +52,7 @@ class Config:
     samples: int = 4  # completions per prompt (1 when greedy)
     temperature: float = 1.0  # sampling temperature; 0 = greedy
     max_new_tokens: int = 64  # completion budget
+    fast: str = "auto"  # sampler: on = static KV cache + compiled step, off = the simple loop, auto = on on CUDA
     prompts_per_batch: int = 50  # prompts per generation batch
     seed: int = 1234  # sampling seed, the same for every checkpoint
     # --reproduce
@@ -92,7 +93,7 @@ def evaluate(model, processor, test, columns: dict, crm, crm_tokenizer, cfg: Con
     """Sample, score and aggregate one checkpoint on the first cfg.n test prompts."""
     samples = cfg.samples if cfg.temperature > 0 else 1
     gen_cfg = stage2.Config(group_size=samples, prompts_per_batch=cfg.prompts_per_batch, max_new_tokens=cfg.max_new_tokens,
-                            temperature=cfg.temperature, device=cfg.device)
+                            temperature=cfg.temperature, device=cfg.device, fast=cfg.fast)
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     if samples == 1:  # greedy: a group of one (stage 2 allows it; only the advantages need G >= 2)
         gen_cfg.temperature = 0.0
