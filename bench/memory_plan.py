@@ -8,11 +8,11 @@ building each model on the meta device (no weights, no download).
 
 Precision (01_sft_rm.compute_dtype): on CUDA frozen weights are bf16 (2 B), trained weights fp32 master
 weights (4 B) with bf16 matmuls under autocast; gradients fp32 (4 B per trained parameter), AdamW's m and v
-fp32 (8 B). Full fine-tuning loads the whole policy in fp32 (a frozen vision tower stays fp32), and
+fp32 (8 B). Full fine-tuning loads the policy in fp32 (a frozen vision tower is then stored in bf16), and
 autocast keeps a bf16 copy of every trained Linear weight it casts until its region ends (2 B); LoRA
 keeps a bf16 base and fp32 adapters. The rows of the table:
 
-  policy weights      full: 4 B x all parameters;  LoRA: 2 B x base + 4 B x adapters
+  policy weights      full: 4 B x trained parameters + 2 B x a frozen vision tower;  LoRA: 2 B x base + 4 B x adapters
   gradients, AdamW    4 B and 8 B x trained parameters
   autocast bf16 copy  2 B x trained Linear parameters (autocast's cache holds them through a forward)
   reference           --kl-beta > 0: full FT a bf16 copy of the policy; LoRA none (adapters disabled)

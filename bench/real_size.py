@@ -72,13 +72,13 @@ def bf16_gap(cfg, model, prompt, ids, mask, sampler_logprobs) -> dict:
             "outside_clip": ((ratio < 0.8) | (ratio > 1.2)).float().mean().item()}
 
 
-def run(setting: dict, device: str, steps: int, new_tokens: int) -> dict:
+def run(setting: dict, device: str, steps: int, new_tokens: int, dtype_flag: str = "auto") -> dict:
     torch.cuda.empty_cache() if device == "cuda" else None
     torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
     cfg = stage5.Config(group_size=8, prompts_per_step=8, max_new_tokens=new_tokens, device=device,
                         micro_batch_size=setting["micro_batch"], logprob_chunk=setting["chunk"], gradient_checkpointing=True,
                         freeze_vision_tower=True, lora_rank=setting["lora_rank"], lora_alpha=2.0 * setting["lora_rank"],
-                        kl_beta=setting["kl_beta"], lr=1e-6, pi_old="recompute")
+                        kl_beta=setting["kl_beta"], lr=1e-6, pi_old="recompute", dtype=dtype_flag)
     dtype = stage1.compute_dtype(device, cfg.dtype)
     started = time.time()
     lora = setting["lora_rank"] > 0
@@ -138,6 +138,7 @@ def main() -> None:
                         help="comma-separated <shape>-<full|lora>, shapes 3b, 7b (check: a small CPU shape)")
     parser.add_argument("--steps", type=int, default=2, help="GRPO steps per setting")
     parser.add_argument("--new-tokens", type=int, default=1024, help="sampled tokens per completion")
+    parser.add_argument("--dtype", default="auto", help="compute precision (auto = bf16 on CUDA, fp32 on CPU)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
@@ -146,14 +147,15 @@ def main() -> None:
               f"LoRA rank {setting['lora_rank']}, kl_beta {setting['kl_beta']}, plan {setting['plan'] / GB:.1f} GB",
               flush=True)
         try:
-            rows.append(run(setting, device, args.steps, args.new_tokens))
+            rows.append(run(setting, device, args.steps, args.new_tokens, args.dtype))
             print(rows[-1], flush=True)
         except torch.OutOfMemoryError as error:  # a measured answer too: the setting does not fit this card
             print(f"{setting['name']}: out of memory ({str(error).splitlines()[0]})")
             gc.collect()
             torch.cuda.empty_cache()
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"\n{name}, {args.steps} steps of 8 prompts x G = 8, {args.new_tokens} new tokens, 448x448 images")
+    print(f"\n{name}, {args.dtype} compute, {args.steps} steps of 8 prompts x G = 8, {args.new_tokens} new tokens, "
+          f"448x448 images")
     print("| setting | plan GB | measured peak GB | rollout s/step | update s/step | tokens/step | "
           "bf16 gap mean / p99 | outside clip |")
     print("|---|---|---|---|---|---|---|---|")
