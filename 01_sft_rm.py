@@ -15,13 +15,21 @@ things every later stage needs:
               A share --inconsistent-frac of the embedded traces is inconsistent on purpose,
               of both kinds the paper counts (right thinking + wrong answer, wrong thinking +
               right answer), so the SFT policy starts with a measurable inconsistency rate.
-  3. crm      an encoder classifier, NLI style: premise = question + thinking, hypothesis =
+  3. crm      a text classifier (an encoder, or a decoder reading its last token), NLI style:
+              premise = question + thinking (cut to --crm-max-length tokens: the question and the
+              thinking's end, where its conclusion is), hypothesis =
               "The final answer is {a}.", labels {inconsistent, consistent}. The reward used
               in RL (stage 3) is r_cons = lambda_cons * P(consistent | q, t, a).
               Paper: ModernBERT-large trained on ~90K judged rollouts. Embedded default: a tiny
               ModernBERT trained on the oracle-labelled traces plus hard negatives (the answer
               swapped for a wrong one) plus the SFT policy's own sampled rollouts, labelled by the
               oracle (the paper's recipe: judged rollouts). Deviation: the oracle as the judge, not GPT-5.
+              Real data: --crm-data (judged rows), or the SFT policy's rollouts labelled here by an
+              LLM judge (--judge MODEL or --judge-url URL --judge-model NAME; adapters/judge.py).
+              On the embedded tasks a judge is measured against the oracle (its agreement).
+
+Every input is checked before any model loads (flags, --crm-data, every dataset row and image), and
+the CRM (loading, pad token, a long pair, batched = alone) and the judge are tried before any SFT.
 
 Embedded tasks ("count" and "bars", 84x84 px):
   count  "How many red shapes are there?"  1-6 shapes of the colour asked, 0-3 of another.
@@ -29,13 +37,18 @@ Embedded tasks ("count" and "bars", 84x84 px):
   bars   "Which bar is the tallest: A, B or C?"  three bars, distinct heights 1-6.
          trace: "Heights: A 2, B 5, C 3. So the answer is B."
 
-Reads:  nothing (embedded), or --policy / --crm / --dataset / --crm-data (hub ids or paths).
+Reads:  nothing (embedded), or --policy / --crm / --dataset / --crm-data / --judge (hub ids or paths).
 Writes: runs/<run>/data/ (datasets save_to_disk), runs/<run>/policy_sft/ and runs/<run>/crm/
-        (save_pretrained folders), runs/<run>/stage1.json (the numbers printed at the end).
+        (save_pretrained folders), runs/<run>/crm_data.jsonl (with a judge: its labelled rows, in the
+        --crm-data format), runs/<run>/stage1.json (the numbers printed at the end). All of them go to
+        runs/<run>/stage1.new/ first and replace the previous run only once complete (replace_run);
+        a URL judge's replies are cached in runs/<run>/judge_cache.jsonl (a rerun asks only for the rest).
 
 Run:    python 01_sft_rm.py                              # embedded default, ~5 min on 2 CPU cores
         python 01_sft_rm.py --policy Qwen/Qwen2-VL-2B-Instruct --skip-policy-sft \\
             --dataset my_data.jsonl --crm answerdotai/ModernBERT-large --crm-data judged.jsonl
+        python 01_sft_rm.py --policy Qwen/Qwen2-VL-2B-Instruct --skip-policy-sft --dataset my_data.jsonl \
+            --crm answerdotai/ModernBERT-large --judge-url http://localhost:8000/v1 --judge-model NAME
 """
 import argparse
 import contextlib
@@ -47,6 +60,7 @@ import random
 import re
 import shutil
 import time
+import typing
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -87,14 +101,67 @@ class Config:
     eval_n: int = 200  # test prompts for the greedy check after SFT
     max_new_tokens: int = 64  # generation budget for that check
     # consistency reward model
-    crm: str | None = None  # hub id / folder of an encoder; None = tiny ModernBERT (real runs: ModernBERT-large)
+    crm: str | None = None  # hub id / folder of a classifier backbone; None = tiny ModernBERT (real: -large)
     crm_data: str | None = None  # JSONL of {question, thinking, answer, label} rows (real runs)
     crm_steps: int = 2000  # optimiser steps of CRM SFT
     crm_batch_size: int = 64  # pairs per CRM step
     crm_lr: float = 5e-4  # peak AdamW learning rate (tiny model; use ~2e-5 for ModernBERT-large)
-    crm_rollout_prompts: int = 1000  # embedded: train prompts whose SFT-policy rollouts join the CRM data
-    crm_rollout_samples: int = 4  # embedded: rollouts per prompt
-    crm_rollout_temperature: float = 1.3  # embedded: their temperature (above 1: more drifted text)
+    crm_max_length: int = 512  # tokens per CRM pair; longer: question + thinking's end kept (ModernBERT 8192)
+    crm_rollout_prompts: int = 1000  # train prompts whose SFT-policy rollouts are judged into CRM data
+    crm_rollout_samples: int = 4  # rollouts per prompt
+    crm_rollout_temperature: float = 1.3  # their temperature (above 1: more drifted text)
+    # an LLM judge for the CRM's data (adapters/judge.py): real data without --crm-data needs one
+    judge: str | None = None  # hub id / folder of a local instruct model that labels the rollouts
+    judge_url: str | None = None  # or an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1
+    judge_model: str | None = None  # the model name to ask at --judge-url
+    judge_api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the endpoint's key
+    judge_batch_size: int = 16  # prompts per generate call of a local judge
+
+
+def check_config(cfg: Config) -> None:
+    """Refuse flags that cannot work, each error naming the flag and the fix, before anything is read."""
+    compute_dtype(cfg.device, cfg.dtype)  # --dtype: auto, bf16 or fp32
+    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {cfg.device}: CUDA is not available here; pass --device cpu.")
+    embedded, judged = cfg.dataset is None, bool(cfg.judge or cfg.judge_url)
+    minimum = [("--sft-batch-size", cfg.sft_batch_size, 1), ("--warmup-steps", cfg.warmup_steps, 0),
+               ("--eval-n", cfg.eval_n, 1), ("--max-new-tokens", cfg.max_new_tokens, 1),
+               ("--crm-steps", cfg.crm_steps, 1), ("--crm-batch-size", cfg.crm_batch_size, 1),
+               ("--crm-max-length", cfg.crm_max_length, 65),  # the answer alone may take 64 (encode_pairs)
+               ("--crm-rollout-prompts", cfg.crm_rollout_prompts, 1 if judged else 0),  # a judge needs rows
+               ("--crm-rollout-samples", cfg.crm_rollout_samples, 1),
+               ("--judge-batch-size", cfg.judge_batch_size, 1),
+               ("--max-pixels", cfg.max_pixels, 56 * 56)]  # the processor's smallest image: 56 x 56
+    minimum += [("--sft-steps", cfg.sft_steps, 1)] * (not cfg.skip_policy_sft)
+    minimum += [("--n-train", cfg.n_train, 1), ("--n-test", cfg.n_test, 1)] * embedded
+    for flag, value, least in minimum:
+        if value < least:
+            fix = " (or pass --skip-policy-sft)" if flag == "--sft-steps" else ""
+            raise SystemExit(f"{flag} {value}: must be at least {least}{fix}.")
+    for flag, value in [("--sft-lr", cfg.sft_lr), ("--crm-lr", cfg.crm_lr),
+                        ("--crm-rollout-temperature", cfg.crm_rollout_temperature)]:
+        if not (math.isfinite(value) and value > 0):
+            raise SystemExit(f"{flag} {value}: must be a finite number above 0.")
+    if embedded and not cfg.skip_policy_sft and cfg.sft_batch_size > cfg.n_train:
+        raise SystemExit(f"--sft-batch-size {cfg.sft_batch_size}: more than the {cfg.n_train} training tasks "
+                         f"(--n-train); pass at most {cfg.n_train}.")
+    if not 0 <= cfg.inconsistent_frac <= 1:
+        raise SystemExit(f"--inconsistent-frac {cfg.inconsistent_frac}: must be a share between 0 and 1.")
+    if embedded and (cfg.image_size % 28 or cfg.image_size < 56):
+        raise SystemExit(f"--image-size {cfg.image_size}: must be a multiple of 28, at least 56 (default 84).")
+    if cfg.judge and cfg.judge_url:
+        raise SystemExit("--judge and --judge-url both name a judge: pass one of them.")
+    if bool(cfg.judge_url) != bool(cfg.judge_model):
+        raise SystemExit("--judge-url and --judge-model go together: the endpoint and the model to ask there.")
+    if judged and cfg.crm_data:
+        raise SystemExit("--crm-data is already labelled: pass it or a judge (--judge, --judge-url), not both")
+    if not embedded and not cfg.crm_data and not judged:  # say so now, not after an hour of policy SFT
+        raise SystemExit("--dataset is real data, so the CRM needs --crm-data (a JSONL of question, thinking, "
+                         "answer, label rows, e.g. judged rollouts) or a judge to label the policy's rollouts "
+                         "(--judge MODEL, or --judge-url URL --judge-model NAME).")
+    if not embedded and not cfg.skip_policy_sft and not cfg.target_column:
+        raise SystemExit("policy SFT on real data needs completions: pass --target-column (a column of "
+                         "<think>...</think><answer>...</answer> texts), or --skip-policy-sft.")
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -130,6 +197,26 @@ def save_folder_atomic(folder: Path, *objects) -> None:
         obj.save_pretrained(tmp) if hasattr(obj, "save_pretrained") else obj.save_to_disk(str(tmp))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
+
+
+# Stage 1's outputs under runs/<run>/. A run writes them all into runs/<run>/stage1.new/ and moves them in only
+# when it is complete (replace_run), so a rerun that fails, early or after an hour, leaves the earlier finished
+# run as it was. stage1.json, the marker of a finished stage 1, leaves first and arrives last.
+STAGE1_OUTPUTS = ["data", "policy_init", "crm_init", "policy_sft", "crm", "crm_data.jsonl"]
+
+
+def replace_run(run_dir: Path, new: Path) -> None:
+    """Move a complete stage 1 from `new` into run_dir: drop the old marker, swap every output (one absent from
+    `new` is removed, so nothing stale stays), then move the new stage1.json in. A kill in between leaves no
+    marker (later stages then ask for stage 1 again), never a marker beside another run's folders."""
+    (run_dir / "stage1.json").unlink(missing_ok=True)
+    for name in STAGE1_OUTPUTS:
+        old = run_dir / name
+        shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+        if (new / name).exists():
+            (new / name).rename(old)
+    os.replace(new / "stage1.json", run_dir / "stage1.json")
+    shutil.rmtree(new)
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -358,24 +445,73 @@ def build_embedded_dataset(cfg: Config):
     return DatasetDict({"train": Dataset.from_list(train), "test": Dataset.from_list(test)})
 
 
+def dataset_columns(cfg: Config) -> list[str]:
+    """The columns every row of a real dataset needs."""
+    columns = [cfg.image_column, cfg.question_column, cfg.answer_column]
+    return columns + [cfg.target_column] * bool(cfg.target_column)
+
+
+def check_jsonl_dataset(cfg: Config, path: str) -> None:
+    """A JSONL --dataset read line by line first: a broken line, a row that is not an object or lacks a column,
+    or a file with no rows stops here with the file and the line named (datasets' own errors name neither)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise SystemExit(f"--dataset {path}: cannot read it as UTF-8 text ({error}).")
+    rows = 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"--dataset {path}, line {number}: not valid JSON ({error}).")
+        if not isinstance(row, dict):
+            raise SystemExit(f"--dataset {path}, line {number}: not a JSON object (one row per line).")
+        for column in dataset_columns(cfg):
+            if column not in row:
+                raise SystemExit(f"--dataset {path}, line {number}: no column '{column}'. Columns: "
+                                 f"{list(row)}. Name the right one with --image-column, --question-column, "
+                                 f"--answer-column or --target-column.")
+            if row[column] is None or (column == cfg.image_column and not isinstance(row[column], str)):
+                wanted = "an image path (relative to the file)" if column == cfg.image_column else "a value"
+                raise SystemExit(f"--dataset {path}, line {number}: column '{column}' holds {row[column]!r}; "
+                                 f"it must hold {wanted}.")
+        rows += 1
+    if rows == 0:
+        raise SystemExit(f"--dataset {path}: the file holds no rows (one JSON object per line).")
+
+
 def load_real_dataset(cfg: Config):
     """--dataset as a load_from_disk folder, a JSONL file (image paths relative to it) or a hub id."""
     from datasets import DatasetDict, Image as ImageFeature, load_dataset, load_from_disk
 
     source = cfg.dataset
-    if Path(source).is_dir() and any((Path(source) / f).exists() for f in ("dataset_dict.json", "dataset_info.json")):
-        data = load_from_disk(source)
-    elif source.endswith((".jsonl", ".json")):
-        if not Path(source).exists():
-            raise SystemExit(f"--dataset {source}: no such file.")
-        data = load_dataset("json", data_files={cfg.train_split: source})
-    else:
-        data = load_dataset(source)
+    try:
+        if Path(source).is_dir() and any((Path(source) / f).exists() for f in ("dataset_dict.json",
+                                                                               "dataset_info.json")):
+            data = load_from_disk(source)
+        elif source.endswith((".jsonl", ".json")):
+            if not Path(source).is_file():
+                raise SystemExit(f"--dataset {source}: no such file.")
+            if source.endswith(".jsonl"):
+                check_jsonl_dataset(cfg, source)
+            data = load_dataset("json", data_files={cfg.train_split: source})
+        else:
+            data = load_dataset(source)
+    except SystemExit:
+        raise
+    except Exception as error:  # a hub id that does not exist, no network, a .json file that is not JSON
+        raise SystemExit(f"--dataset {source}: cannot load it ({error!r}). Pass a hub id, a save_to_disk "
+                         f"folder or a JSONL file.")
     if not isinstance(data, DatasetDict):
         data = DatasetDict({cfg.train_split: data})
+    for split in (cfg.train_split,) + (cfg.test_split,) * (cfg.test_split in data):
+        if split not in data:
+            raise SystemExit(f"--dataset {source}: no split '{split}' (splits: {list(data)}). "
+                             f"Name it with --train-split.")
     for split, ds in data.items():
-        needed = [cfg.image_column, cfg.question_column, cfg.answer_column] + [cfg.target_column] * bool(cfg.target_column)
-        for column in needed:
+        for column in dataset_columns(cfg):
             if column not in ds.column_names:
                 raise SystemExit(f"--dataset {source} (split {split}): no column '{column}'. "
                                  f"Columns: {ds.column_names}. Name the right one with --image-column, "
@@ -385,13 +521,36 @@ def load_real_dataset(cfg: Config):
             ds = ds.map(lambda row: {cfg.image_column: str(base / row[cfg.image_column])})
             data[split] = ds.cast_column(cfg.image_column, ImageFeature(decode=False))
     if cfg.test_split not in data:  # hold out 5 % when the source has no test split
+        if len(data[cfg.train_split]) < 2:
+            raise SystemExit(f"--dataset {source}: split '{cfg.train_split}' has "
+                             f"{len(data[cfg.train_split])} row(s) and there is no '{cfg.test_split}' split "
+                             f"to test on: give at least 2 rows.")
         held = data[cfg.train_split].train_test_split(test_size=0.05, seed=cfg.seed)
         data = DatasetDict({cfg.train_split: held["train"], cfg.test_split: held["test"]})
     return data
 
 
-def row_image(ds, index: int, column: str) -> Image.Image:
-    """The image of one row as RGB, or an error that names the row."""
+def check_dataset(cfg: Config, train, test, train_split: str, test_split: str) -> None:
+    """Every row of a real dataset read once, before any model loads: each image opens, each question, answer
+    (and SFT target) holds text; the train split has a batch for SFT. An error names split, row and column."""
+    if len(train) == 0 or len(test) == 0:
+        empty = train_split if len(train) == 0 else test_split
+        raise SystemExit(f"--dataset {cfg.dataset}: split '{empty}' is empty.")
+    if not cfg.skip_policy_sft and len(train) < cfg.sft_batch_size:
+        raise SystemExit(f"--sft-batch-size {cfg.sft_batch_size}: the train split has only {len(train)} rows; "
+                         f"pass at most {len(train)}.")
+    for split, ds in [(train_split, train), (test_split, test)]:
+        for column in dataset_columns(cfg)[1:]:
+            for index, value in enumerate(ds[column]):
+                if value is None or not str(value).strip():
+                    raise SystemExit(f"--dataset {cfg.dataset}, split '{split}', row {index}: column "
+                                     f"'{column}' is empty.")
+        for index in tqdm(range(len(ds)), desc=f"opening the {split} images"):
+            row_image(ds, index, cfg.image_column, split)
+
+
+def row_image(ds, index: int, column: str, split: str | None = None) -> Image.Image:
+    """The image of one row as RGB, or an error that names the split (when given), the row and the column."""
     value = ds[index][column]
     try:
         if isinstance(value, dict):  # Image(decode=False): {"path", "bytes"}
@@ -399,7 +558,8 @@ def row_image(ds, index: int, column: str) -> Image.Image:
             value = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
         return value.convert("RGB")
     except Exception as error:
-        raise SystemExit(f"dataset row {index}: cannot read the image in column '{column}' ({error}).")
+        where = f"split '{split}', " if split else ""
+        raise SystemExit(f"dataset {where}row {index}: cannot read the image in column '{column}' ({error}).")
 
 
 # ----------------------------------------------------------------------------- tokenizer and tiny models
@@ -549,15 +709,72 @@ def load_policy(name_or_path: str, device: str, max_pixels: int | None = None, d
 
 
 def load_crm(name_or_path: str, device: str, dtype=torch.float32):
-    """(classifier, tokenizer). A bare backbone gets a fresh 2-way head (consistent / inconsistent)."""
+    """(classifier, tokenizer). A bare backbone gets a fresh 2-way head (consistent / inconsistent).
+
+    The tokenizer's pad id is the one the model uses: a decoder classifier (Llama, Qwen, Mistral) reads the
+    last token that is not the config's pad_token_id, so a config pad id other than the tokenizer's makes it
+    read a pad position in a padded batch (a pair scores one thing batched, another alone). A tokenizer
+    without a pad token (Llama-3, Mistral) gets its eos, else its unk, else the token of id 0. With right
+    padding (encode_pairs) that choice changes no score: real tokens never attend to the pads after them, and
+    the token read is the last one before the pads (before a trailing eos equal to the pad, batched or alone).
+    """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
+    tokenizer.padding_side = "right"
     model = AutoModelForSequenceClassification.from_pretrained(
         name_or_path, num_labels=2, id2label=CRM_LABELS, label2id={v: k for k, v in CRM_LABELS.items()}, dtype=dtype)
-    if model.config.pad_token_id is None:  # pitfall: the classifier finds the last token through it
-        model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.pad_token_id = model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     return model.to(device), tokenizer
+
+
+def squashed(text: str) -> str:
+    """Lower case without whitespace: how a decoded text is compared with the one encoded (tokenizers may
+    lower-case or re-space it)."""
+    return re.sub(r"\s+", "", text.lower())
+
+
+def check_crm(cfg: Config, crm_path: str) -> None:
+    """Everything the CRM needs, tried at the start of stage 1 (an hour of SFT must not end in a CRM error):
+    the classifier and its tokenizer load (load_crm: the pad token), --crm-max-length fits its positions, a
+    pair longer than that keeps its conclusion (the end of the thinking), and a padded batch of a short and a
+    long pair scores as each pair alone. The CRM loads again for training after SFT (the GPU is free then).
+    """
+    try:
+        crm, tokenizer = load_crm(crm_path, cfg.device)
+    except Exception as error:  # a wrong id, a folder without a tokenizer, an architecture with no classifier
+        raise SystemExit(f"--crm {crm_path}: cannot load it as a sequence classifier with its tokenizer "
+                         f"({error!r}).")
+    positions = getattr(crm.config.get_text_config(), "max_position_embeddings", None)
+    if positions and cfg.crm_max_length > positions:
+        raise SystemExit(f"--crm-max-length {cfg.crm_max_length}: {crm_path} reads at most {positions} "
+                         f"positions; pass at most {positions}.")
+    if not tokenizer.is_fast:
+        raise SystemExit(f"--crm {crm_path}: its tokenizer is not a fast (tokenizers) one; encode_pairs needs "
+                         f"the pair's sequence ids to cut a long thinking.")
+    conclusion = "So the answer is 7."
+    question = "How many red shapes are there?"
+    pairs = [{"question": question, "thinking": "1, 2. So the answer is 2.", "answer": "2"},
+             {"question": question,  # at least one token a word: past the limit
+              "thinking": " ".join(["step"] * cfg.crm_max_length) + " " + conclusion, "answer": "7"}]
+    try:
+        long_ids = encode_pairs(tokenizer, pairs[1:], "cpu", cfg.crm_max_length)["input_ids"][0]
+        together = crm_scores(crm, tokenizer, pairs, cfg.device, max_length=cfg.crm_max_length)
+        alone = [crm_scores(crm, tokenizer, [p], cfg.device, max_length=cfg.crm_max_length)[0] for p in pairs]
+    except ValueError as error:  # encode_pairs: a max length with no room for the premise
+        raise SystemExit(f"--crm-max-length {cfg.crm_max_length}: {error}")
+    if squashed(conclusion) not in squashed(tokenizer.decode(long_ids, skip_special_tokens=True)):
+        raise SystemExit(f"--crm {crm_path}: a thinking longer than --crm-max-length {cfg.crm_max_length} "
+                         f"loses its conclusion when cut: its tokenizer's pair encoding is not what "
+                         f"encode_pairs expects.")
+    if not all(math.isfinite(p) for p in together + alone) or max(
+            abs(a - b) for a, b in zip(together, alone)) > 1e-3:
+        raise SystemExit(f"--crm {crm_path}: P(consistent) {together} in a padded batch but {alone} one at a "
+                         f"time (pad id {tokenizer.pad_token_id}): the classifier does not read its pairs' "
+                         f"last real tokens, or its weights are not finite.")
+    del crm
 
 
 def stop_token_ids(processor) -> list[int]:
@@ -600,10 +817,9 @@ def image_features(model, prompt: dict) -> list[torch.Tensor]:
 
 
 def chunk_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    """log softmax(lm_head(hidden) / T)[target] for one chunk: hidden (B, C, H), targets (B, C) -> (B, C).
-    Only the target's log-prob leaves: log p_y = z_y - logsumexp(z), never a (B, C, V) log-softmax copy."""
+    """log softmax(lm_head(hidden) / T)[target] for one chunk: hidden (B, C, H), targets (B, C) -> (B, C)."""
     logits = lm_head(hidden).float() / temperature  # (B, C, V)
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (B, C)
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (B, C)
 
 
 def completion_logprobs(model, prompt: dict, completion_ids: torch.Tensor, completion_mask: torch.Tensor,
@@ -627,7 +843,8 @@ def completion_logprobs(model, prompt: dict, completion_ids: torch.Tensor, compl
     core = unwrap(model)
     if visual is None:  # the model's own path: the vision tower runs inside the forward
         hidden = core.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=prompt["pixel_values"],
-                            image_grid_thw=prompt["image_grid_thw"], mm_token_type_ids=mm_token_type_ids).last_hidden_state
+                            image_grid_thw=prompt["image_grid_thw"], mm_token_type_ids=mm_token_type_ids,
+                            use_cache=False).last_hidden_state  # no KV cache: nothing is decoded after this
     else:  # the same forward with the visual tokens given: embed the text, scatter the image features in
         embeds = core.get_input_embeddings()(input_ids)  # (B, P + L, H)
         image_slots = (input_ids == core.config.image_token_id).unsqueeze(-1)  # (B, P + L, 1)
@@ -635,7 +852,8 @@ def completion_logprobs(model, prompt: dict, completion_ids: torch.Tensor, compl
         positions, _ = core.model.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids,
                                                   image_grid_thw=prompt["image_grid_thw"],
                                                   attention_mask=attention_mask)  # (3, B, P + L)
-        hidden = core.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions).last_hidden_state
+        hidden = core.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
+                            use_cache=False).last_hidden_state
     hidden = hidden[:, -L - 1:-1]  # (B, L, H): the state at t predicts token t + 1
     chunks = []
     for start in range(0, L, chunk_size):
@@ -758,10 +976,11 @@ def embedded_crm_pairs(split, seed: int) -> list[dict]:
 
 
 @torch.no_grad()
-def policy_rollout_pairs(cfg: Config, model, processor, split, n_prompts: int, seed: int) -> list[dict]:
-    """The paper's recipe in miniature: the policy's own sampled rollouts, labelled by a judge (here the
-    rule oracle). A CRM that has only seen clean templates is easy to fool with drifted text (measured:
-    see the README). Rollouts with nothing to parse are skipped: they get r_cons = 0 without the CRM."""
+def policy_rollouts(cfg: Config, model, processor, split, n_prompts: int, seed: int) -> list[dict]:
+    """The paper's recipe in miniature: the policy's own sampled rollouts on n_prompts prompts of `split`, as
+    {question, thinking, answer} rows for a judge (the rule oracle, or an LLM: adapters/judge.py). A CRM that
+    has only seen clean templates is easy to fool with drifted text (measured: see the README). Rollouts with
+    nothing to parse are skipped: they get r_cons = 0 without the CRM."""
     rows = random.Random(seed).sample(range(len(split)), min(n_prompts, len(split)))
     torch.manual_seed(seed)
     pairs = []
@@ -777,12 +996,56 @@ def policy_rollout_pairs(cfg: Config, model, processor, split, n_prompts: int, s
             think, answer = parse_completion(text)
             if think is not None and answer is not None:
                 pairs.append({"question": split[chunk[j // cfg.crm_rollout_samples]][cfg.question_column],
-                              "thinking": think, "answer": answer, "label": int(oracle_consistent(think, answer))})
+                              "thinking": think, "answer": answer})
     return pairs
+
+
+def oracle_labelled(rows: list[dict]) -> list[dict]:
+    """Rows with "label" from the rule oracle (embedded tasks only: it reads our templates)."""
+    return [{**r, "label": int(oracle_consistent(r["thinking"], r["answer"]))} for r in rows]
+
+
+def judge_rows(cfg: Config, rows: list[dict], run_dir: Path) -> tuple[list[dict], dict]:
+    """Rows labelled by the LLM judge of --judge (a local model on cfg.device) or --judge-url (an endpoint; its
+    replies cached in runs/<run>/judge_cache.jsonl, so a killed run asks only for the rest). Unparseable
+    verdicts are counted in the stats and dropped (adapters/judge.py)."""
+    from adapters import judge as judges
+
+    if cfg.judge_url:
+        judge = judges.UrlJudge(cfg.judge_url, cfg.judge_model, api_key_env=cfg.judge_api_key_env,
+                                cache_path=str(run_dir / "judge_cache.jsonl"))
+    else:
+        judge = judges.LocalJudge(cfg.judge, device=cfg.device, dtype=compute_dtype(cfg.device, cfg.dtype),
+                                  batch_size=cfg.judge_batch_size)
+    return judges.label_rows(judge, rows)
+
+
+def check_judge(cfg: Config, run_dir: Path) -> None:
+    """The judge tried before any SFT: a local judge's config and tokenizer load (the model itself loads after
+    SFT, when the GPU is free); an endpoint answers one request (a wrong URL, model name or key fails here)."""
+    if cfg.judge:
+        from transformers import AutoConfig, AutoTokenizer
+        try:
+            AutoConfig.from_pretrained(cfg.judge)
+            AutoTokenizer.from_pretrained(cfg.judge)
+        except Exception as error:
+            raise SystemExit(f"--judge {cfg.judge}: cannot load its config and tokenizer ({error!r}).")
+    elif cfg.judge_url:
+        from adapters import judge as judges
+        try:
+            judge = judges.UrlJudge(cfg.judge_url, cfg.judge_model, api_key_env=cfg.judge_api_key_env,
+                                    max_retries=2, cache_path=str(run_dir / "judge_cache.jsonl"))
+            row = {"question": "How many?", "thinking": "1, 2. So the answer is 2.", "answer": "2"}
+            judge.complete([judges.judge_prompt(row)])
+        except Exception as error:
+            raise SystemExit(f"--judge-url {cfg.judge_url} --judge-model {cfg.judge_model}: no usable reply "
+                             f"({error}). Check the URL, the model name and ${cfg.judge_api_key_env}.")
 
 
 def read_crm_jsonl(path: str) -> list[dict]:
     """Real CRM data: one JSON object per line with question, thinking, answer and label (0/1 or a name)."""
+    if not Path(path).is_file():
+        raise SystemExit(f"--crm-data {path}: no such file.")
     rows = []
     for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
         if not line.strip():
@@ -795,10 +1058,26 @@ def read_crm_jsonl(path: str) -> list[dict]:
                 raise ValueError(f"label {row['label']!r} is not 0/1/consistent/inconsistent")
             rows.append({"question": str(row["question"]), "thinking": str(row["thinking"]),
                          "answer": str(row["answer"]), "label": int(label)})
-        except (json.JSONDecodeError, KeyError, ValueError) as error:
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
             raise SystemExit(f"{path}, line {number}: {error!r}. Each line must be a JSON object with "
                              f"question, thinking, answer and label.")
     return rows
+
+
+def check_crm_rows(rows: list[dict], source: str) -> None:
+    """CRM data must hold both labels and at least 2 rows (5 % of them, at least one, is held out to test)."""
+    consistent = sum(r["label"] for r in rows)
+    if len(rows) < 2 or consistent in (0, len(rows)):
+        raise SystemExit(f"{source}: {len(rows)} labelled rows, {consistent} of them consistent: the CRM "
+                         f"needs at least 2 rows and both labels (consistent, inconsistent) to learn from.")
+
+
+def held_out_split(pairs: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, test): the pairs shuffled by seed, 5 % (at least one) held out."""
+    pairs = list(pairs)
+    random.Random(seed).shuffle(pairs)
+    n_held = max(1, len(pairs) // 20)
+    return pairs[n_held:], pairs[:n_held]
 
 
 def kept_positions(sequence_ids: list[int | None], n_question: int, max_length: int,
@@ -823,15 +1102,27 @@ def kept_positions(sequence_ids: list[int | None], n_question: int, max_length: 
     return sorted(special + premise + hypothesis)
 
 
-def encode_pairs(tokenizer, pairs: list[dict], device, max_length: int = 512,
+def crm_max_length(tokenizer) -> int:
+    """The CRM's tokens per pair when no --crm-max-length is given: its tokenizer's model_max_length, which
+    stage 1 sets to --crm-max-length when it saves the CRM (so stages 3, 5 and 6 read what it trained with);
+    512 when the tokenizer states no limit (transformers' placeholder is ~1e30)."""
+    limit = tokenizer.model_max_length
+    return int(limit) if limit and limit < 1_000_000 else 512
+
+
+def encode_pairs(tokenizer, pairs: list[dict], device, max_length: int | None = None,
                  max_hypothesis_tokens: int = 64) -> dict:
-    """premise = question + thinking, hypothesis = 'The final answer is {a}.', at most max_length tokens a pair.
+    """premise = question + thinking, hypothesis = 'The final answer is {a}.', at most max_length tokens a pair
+    (None: crm_max_length(tokenizer)), right-padded to the longest pair.
 
     A pair that fits is encoded exactly as tokenizer(premise, hypothesis) encodes it. A longer one never raises
     (a fast tokenizer's own truncation does when the hypothesis alone is too long, e.g. ~130 emoji): the
     hypothesis, so a long answer, is cut to its first max_hypothesis_tokens tokens, and the premise keeps the
-    question and the end of the thinking (kept_positions). The cut is by tokens, never characters.
+    question and the end of the thinking (kept_positions), where the conclusion the CRM must read sits. The
+    cut is by tokens, never characters. Right padding: every row's real tokens sit at positions 0..n-1, as
+    alone, and a decoder classifier's last real token is the last one before the pads.
     """
+    max_length = crm_max_length(tokenizer) if max_length is None else max_length
     if max_length <= tokenizer.num_special_tokens_to_add(pair=True) + max_hypothesis_tokens:
         raise ValueError(f"max_length={max_length} leaves no room for the premise: it must exceed the special "
                          f"tokens plus max_hypothesis_tokens={max_hypothesis_tokens}.")
@@ -846,7 +1137,7 @@ def encode_pairs(tokenizer, pairs: list[dict], device, max_length: int = 512,
             keep = kept_positions(sequence_ids, n_question, max_length, max_hypothesis_tokens)
             row = {key: [values[j] for j in keep] for key, values in row.items()}
         rows.append(row)
-    return to_device(dict(tokenizer.pad(rows, return_tensors="pt")), device)
+    return to_device(dict(tokenizer.pad(rows, padding_side="right", return_tensors="pt")), device)
 
 
 def train_crm(cfg: Config, crm, tokenizer, pairs: list[dict]) -> list[float]:
@@ -857,19 +1148,23 @@ def train_crm(cfg: Config, crm, tokenizer, pairs: list[dict]) -> list[float]:
         batch_pairs = rng.sample(pairs, min(cfg.crm_batch_size, len(pairs)))
         labels = torch.tensor([p["label"] for p in batch_pairs], device=cfg.device)  # (B,)
         with autocast(cfg.device, compute_dtype(cfg.device, cfg.dtype)):
-            logits = crm(**encode_pairs(tokenizer, batch_pairs, cfg.device)).logits.float()  # (B, 2)
+            batch = encode_pairs(tokenizer, batch_pairs, cfg.device, cfg.crm_max_length)
+            logits = crm(**batch).logits.float()  # (B, 2)
         return torch.nn.functional.cross_entropy(logits, labels)
 
     return fit(crm, batch_loss, cfg.crm_steps, cfg.crm_lr, cfg.warmup_steps, 0.01, "CRM SFT")
 
 
 @torch.no_grad()
-def crm_scores(crm, tokenizer, pairs: list[dict], device, batch_size: int = 64) -> list[float]:
-    """P(consistent | question, thinking, answer) for every pair, in batches."""
+def crm_scores(crm, tokenizer, pairs: list[dict], device, batch_size: int = 64,
+               max_length: int | None = None) -> list[float]:
+    """P(consistent | question, thinking, answer) for every pair, in batches; at most max_length tokens a
+    pair (None: what the CRM was trained with, crm_max_length)."""
     consistent = crm.config.label2id.get("consistent", 1)
     probs = []
     for start in range(0, len(pairs), batch_size):
-        logits = crm(**encode_pairs(tokenizer, pairs[start: start + batch_size], device)).logits.float()  # (B, 2)
+        batch = encode_pairs(tokenizer, pairs[start: start + batch_size], device, max_length)
+        logits = crm(**batch).logits.float()  # (B, 2)
         probs += torch.softmax(logits, dim=-1)[:, consistent].tolist()
     return probs
 
@@ -885,47 +1180,84 @@ def classification_report(probs: list[float], labels: list[int]) -> dict:
 
 
 # ----------------------------------------------------------------------------- main
+def field_comments(config_class) -> dict[str, str]:
+    """Each field's one-line comment in the class's own source: {"sft_steps": "optimiser steps of policy SFT"}.
+    Read with the tokenize module, so a "#" inside a default string is not taken for a comment."""
+    import inspect
+    import io
+    import tokenize
+
+    try:
+        source = inspect.getsource(config_class)
+    except (OSError, TypeError):  # a class with no source file (built at run time): no comments
+        return {}
+    comments, first_name = {}, {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        line = token.start[0]
+        if token.type == tokenize.NAME and line not in first_name:
+            first_name[line] = token.string
+        elif token.type == tokenize.COMMENT and line in first_name:
+            comments[first_name[line]] = token.string.lstrip("#").strip()
+    return comments
+
+
 def parse_config(config_class, description: str, argv=None):
-    """A flag per dataclass field (--sft-steps for sft_steps); booleans are switches. Used by every stage."""
+    """A flag per dataclass field (--sft-steps for sft_steps); booleans are switches. Used by every stage.
+    --help shows each field's one-line comment from the Config's source, and its default."""
+    comments = field_comments(config_class)
     parser = argparse.ArgumentParser(description=description)
     for field in dataclasses.fields(config_class):
         flag = "--" + field.name.replace("_", "-")
+        text = comments.get(field.name, "").replace("%", "%%")  # argparse formats help with %
         if field.type is bool:
-            parser.add_argument(flag, action="store_true")
+            parser.add_argument(flag, action="store_true", help=text)
         else:
-            parser.add_argument(flag, type={int: int, float: float}.get(field.type, str), default=field.default)
+            kinds = [t for t in typing.get_args(field.type) if t is not type(None)] or [field.type]  # int|None
+            parser.add_argument(flag, type={int: int, float: float}.get(kinds[0], str), default=field.default,
+                                help=f"{text} (default: %(default)s)")
     return config_class(**vars(parser.parse_args(argv)))
 
 
 def main(cfg: Config) -> dict:
     started = time.time()
+    check_config(cfg)  # every flag, before anything is read, loaded or written
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.runs_dir) / cfg.run
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "stage1.json").unlink(missing_ok=True)  # the mark of a finished stage 1: written last, removed first
-    embedded = cfg.dataset is None
-    if not embedded and not cfg.crm_data:  # say so now, not after an hour of policy SFT
-        raise SystemExit("--dataset is real data, so the CRM needs --crm-data (a JSONL of question, thinking, "
-                         "answer, label rows, e.g. judged rollouts).")
+    embedded, judged = cfg.dataset is None, bool(cfg.judge or cfg.judge_url)
 
-    # 1. data
+    # 0. every input read and checked before any model loads; the CRM and the judge tried before any SFT
+    crm_rows = read_crm_jsonl(cfg.crm_data) if cfg.crm_data else None
+    if crm_rows is not None:
+        check_crm_rows(crm_rows, f"--crm-data {cfg.crm_data}")
     data = build_embedded_dataset(cfg) if embedded else load_real_dataset(cfg)
-    save_folder_atomic(run_dir / "data", data)
-    train, test = data[cfg.train_split if not embedded else "train"], data[cfg.test_split if not embedded else "test"]
-    print(f"data: {len(train)} train / {len(test)} test -> {run_dir / 'data'}")
-
-    # 2. policy: build (embedded) or load, then SFT
-    summary = {"config": dataclasses.asdict(cfg)}
+    train_split, test_split = ("train", "test") if embedded else (cfg.train_split, cfg.test_split)
+    train, test = data[train_split], data[test_split]
+    if not embedded:
+        check_dataset(cfg, train, test, train_split, test_split)  # every image opened once
+    run_dir.mkdir(parents=True, exist_ok=True)
+    new = run_dir / "stage1.new"  # this run's outputs until it is complete; the finished run stays meanwhile
+    shutil.rmtree(new, ignore_errors=True)  # what a failed or killed earlier attempt left
+    new.mkdir()
+    if judged:
+        check_judge(cfg, run_dir)
     policy_path, crm_path = cfg.policy, cfg.crm
     if embedded and (policy_path is None or crm_path is None):
         bpe = train_bpe(cfg.seed)
         if policy_path is None:
-            build_tiny_policy(run_dir / "policy_init", cfg.seed, bpe)
-            policy_path = str(run_dir / "policy_init")
+            build_tiny_policy(new / "policy_init", cfg.seed, bpe)
+            policy_path = str(new / "policy_init")
         if crm_path is None:
-            build_tiny_crm(run_dir / "crm_init", cfg.seed, bpe)
-            crm_path = str(run_dir / "crm_init")
+            build_tiny_crm(new / "crm_init", cfg.seed, bpe)
+            crm_path = str(new / "crm_init")
     crm_path = crm_path or "answerdotai/ModernBERT-large"  # the paper's CRM backbone for real runs
+    check_crm(cfg, crm_path)
+
+    # 1. data
+    save_folder_atomic(new / "data", data)
+    print(f"data: {len(train)} train / {len(test)} test")
+
+    # 2. policy: build (embedded) or load, then SFT
+    summary = {"config": dataclasses.asdict(cfg)}
     dtype = compute_dtype(cfg.device, cfg.dtype)  # trained weights fp32, the rest in dtype: see compute_dtype
     model, processor = load_policy(policy_path or "Qwen/Qwen2-VL-2B-Instruct", cfg.device, cfg.max_pixels,
                                    dtype=dtype if cfg.skip_policy_sft else torch.float32)
@@ -934,31 +1266,47 @@ def main(cfg: Config) -> dict:
         tenth = max(1, len(losses) // 10)
         summary["sft_loss"] = {"first_10pct": sum(losses[:tenth]) / tenth, "last_10pct": sum(losses[-tenth:]) / tenth}
         print(f"SFT loss: {summary['sft_loss']['first_10pct']:.3f} -> {summary['sft_loss']['last_10pct']:.3f}")
-    save_folder_atomic(run_dir / "policy_sft", model, processor)
+    save_folder_atomic(new / "policy_sft", model, processor)
     with autocast(cfg.device, dtype):
         summary["policy_check"] = greedy_check(cfg, model, processor, test, cfg.eval_n, embedded)
 
-    # 3. the consistency reward model: its data, then SFT
-    rollouts = {"train": [], "test": []}  # the SFT policy's own judged rollouts (embedded tasks)
-    if cfg.crm_data:  # real runs: judged rollouts, 5 % held out
-        pairs = read_crm_jsonl(cfg.crm_data)
-        random.Random(cfg.seed).shuffle(pairs)
-        n_held = max(1, len(pairs) // 20)
-        train_pairs, test_pairs = pairs[n_held:], pairs[:n_held]
+    # 3. the consistency reward model: its data (judged rollouts of the SFT policy), then SFT
+    rollouts = {"train": [], "test": []}  # the SFT policy's own rollouts, oracle-labelled (embedded tasks)
+    if crm_rows is not None:  # real runs: judged rollouts, 5 % held out
+        train_pairs, test_pairs = held_out_split(crm_rows, cfg.seed)
     elif embedded:  # templates with hard negatives, plus the SFT policy's rollouts judged by the oracle
         with autocast(cfg.device, dtype):
-            rollouts = {name: policy_rollout_pairs(cfg, model, processor, split, n, cfg.seed)
+            rollouts = {name: oracle_labelled(policy_rollouts(cfg, model, processor, split, n, cfg.seed))
                         for name, split, n in [("train", train, cfg.crm_rollout_prompts), ("test", test, len(test))]}
         train_pairs = embedded_crm_pairs(train, cfg.seed) + rollouts["train"]
         random.Random(cfg.seed).shuffle(train_pairs)
         test_pairs = embedded_crm_pairs(test, cfg.seed)
-    del model
+    else:  # real runs without --crm-data: the rollouts the judge labels below
+        with autocast(cfg.device, dtype):
+            rollouts["train"] = policy_rollouts(cfg, model, processor, train, cfg.crm_rollout_prompts,
+                                                cfg.seed)
+    del model  # the judge and the CRM need the memory
+    if judged:  # real runs: the CRM's data; embedded: the judge measured against the rule oracle
+        from adapters import judge as judges
+
+        labelled, stats = judge_rows(cfg, rollouts["train"], run_dir)
+        keys = ("question", "thinking", "answer", "label")  # the --crm-data format: reusable
+        write_jsonl_atomic(new / "crm_data.jsonl", [{k: r[k] for k in keys} for r in labelled])
+        summary["judge"] = {"judge": cfg.judge or f"{cfg.judge_model} at {cfg.judge_url}", **stats}
+        if embedded:
+            oracle = [int(oracle_consistent(r["thinking"], r["answer"])) for r in labelled]
+            summary["judge"]["agreement"] = judges.agreement([r["label"] for r in labelled], oracle)
+        else:
+            check_crm_rows(labelled, f"the judge's labels of {stats['rows']} SFT-policy rollouts")
+            train_pairs, test_pairs = held_out_split(labelled, cfg.seed)
     crm, crm_tokenizer = load_crm(crm_path, cfg.device)
+    crm_tokenizer.model_max_length = cfg.crm_max_length  # saved with it: later stages cut pairs as it trained
     crm_losses = train_crm(cfg, crm, crm_tokenizer, train_pairs)
-    save_folder_atomic(run_dir / "crm", crm, crm_tokenizer)
+    save_folder_atomic(new / "crm", crm, crm_tokenizer)
     with autocast(cfg.device, dtype):
-        test_probs = crm_scores(crm, crm_tokenizer, test_pairs, cfg.device)
-        rollout_probs = crm_scores(crm, crm_tokenizer, rollouts["test"], cfg.device)
+        test_probs = crm_scores(crm, crm_tokenizer, test_pairs, cfg.device, max_length=cfg.crm_max_length)
+        rollout_probs = crm_scores(crm, crm_tokenizer, rollouts["test"], cfg.device,
+                                   max_length=cfg.crm_max_length)
     report = classification_report(test_probs, [p["label"] for p in test_pairs])
     summary["crm"] = {**report, "final_loss": crm_losses[-1] if crm_losses else None}
     if embedded and not cfg.crm_data:  # the harder test: text the policy really writes
@@ -966,13 +1314,23 @@ def main(cfg: Config) -> dict:
         summary["crm_on_policy_rollouts"] = {**rollout_report, "n_train": len(rollouts["train"]),
                                              "consistent_share": sum(p["label"] for p in rollouts["test"]) / max(1, len(rollouts["test"]))}
     summary["seconds"] = round(time.time() - started, 1)
-    write_json_atomic(run_dir / "stage1.json", summary)
+    write_json_atomic(new / "stage1.json", summary)
+    replace_run(run_dir, new)  # only now does the new run replace the previous finished one
 
     check = summary["policy_check"]
     print(f"\npolicy after SFT (greedy, {check['n']} test prompts): format {check['format_rate']:.1%}, "
           f"accuracy {check['accuracy']:.1%}" + (f", oracle inconsistency rate {check['oracle_inconsistency_rate']:.1%}"
                                                  if embedded else ""))
     print(f"  e.g. {check['example']!r}")
+    if "judge" in summary:
+        j = summary["judge"]
+        print(f"judge {j['judge']}: {j['labelled']} of {j['rows']} SFT-policy rollouts labelled "
+              f"({j['consistent']} consistent), {j['unparseable']} unparseable verdicts dropped "
+              f"-> {run_dir / 'crm_data.jsonl'}")
+        if "agreement" in j:
+            a = j["agreement"]
+            print(f"  agreement with the rule oracle: accuracy {a['accuracy']:.1%} on {a['n']} "
+                  f"(tp {a['tp']}, fp {a['fp']}, fn {a['fn']}, tn {a['tn']}; positive = consistent)")
     print(f"CRM on {report['n']} held-out pairs: accuracy {report['accuracy']:.1%}, F1 {report['f1']:.3f}")
     if "crm_on_policy_rollouts" in summary:
         r = summary["crm_on_policy_rollouts"]

@@ -48,6 +48,7 @@ class Config:
     lambda_cons: float = 1.0  # scale of the consistency reward: r_cons in [0, lambda_cons]
     format_weight: float = 1.0  # reward for a well-formed completion
     crm_batch_size: int = 64  # pairs per CRM forward
+    crm_max_length: int | None = None  # tokens per CRM pair; None = what stage 1 trained it with
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the CRM runs
     dtype: str = "auto"  # compute precision: auto = bf16 on CUDA, fp32 on CPU (01_sft_rm.compute_dtype)
 
@@ -59,6 +60,9 @@ def check_config(cfg: Config) -> None:
             raise SystemExit(f"{flag} {value}: must be a finite number (it scales a reward).")
     if cfg.crm_batch_size < 1:
         raise SystemExit(f"--crm-batch-size {cfg.crm_batch_size}: must be at least 1.")
+    if cfg.crm_max_length is not None and cfg.crm_max_length <= 64:  # the answer alone may take 64 tokens
+        raise SystemExit(f"--crm-max-length {cfg.crm_max_length}: must be above 64, or left unset (the length "
+                         f"stage 1 trained the CRM with).")
 
 
 TAG_RE = re.compile(r"</?(?:think|answer)>")  # one of the four tags; nothing repeats, so a scan is linear
@@ -88,9 +92,10 @@ def accuracy_reward(text: str, truth: str) -> float:
 
 
 def consistency_rewards(crm, tokenizer, questions: list[str], texts: list[str], lambda_cons: float,
-                        device, batch_size: int = 64) -> list[float]:
+                        device, batch_size: int = 64, max_length: int | None = None) -> list[float]:
     """lambda_cons * P(consistent) per completion; 0 (no CRM call) when think or answer is missing.
-    A long thinking or answer is cut by tokens inside stage1.encode_pairs (never by characters here).
+    A long thinking or answer is cut by tokens inside stage1.encode_pairs (never by characters here), to
+    max_length tokens a pair, keeping the question and the thinking's end (None: what the CRM trained with).
     A non-finite probability (a CRM with NaN weights) is an error that names the completions."""
     if not math.isfinite(lambda_cons):
         raise ValueError(f"lambda_cons must be finite, got {lambda_cons}")
@@ -98,7 +103,9 @@ def consistency_rewards(crm, tokenizer, questions: list[str], texts: list[str], 
     todo = [i for i, (think, answer) in enumerate(parsed) if think is not None and answer is not None]
     pairs = [{"question": questions[i], "thinking": parsed[i][0], "answer": parsed[i][1]} for i in todo]
     rewards = [0.0] * len(texts)
-    for i, p in zip(todo, stage1.crm_scores(crm, tokenizer, pairs, device, batch_size) if pairs else []):
+    by_length = {} if max_length is None else {"max_length": max_length}  # None: crm_scores' own default
+    probs = stage1.crm_scores(crm, tokenizer, pairs, device, batch_size, **by_length) if pairs else []
+    for i, p in zip(todo, probs):
         rewards[i] = lambda_cons * p
     bad = [i for i in todo if not math.isfinite(rewards[i])]
     if bad:
@@ -114,7 +121,7 @@ def score_completions(texts: list[str], questions: list[str], truths: list[str],
     if not math.isfinite(cfg.format_weight):
         raise ValueError(f"format_weight must be finite, got {cfg.format_weight}")
     consistency = consistency_rewards(crm, crm_tokenizer, questions, texts, cfg.lambda_cons, cfg.device,
-                                      cfg.crm_batch_size)
+                                      cfg.crm_batch_size, cfg.crm_max_length)
     records = []
     for text, truth, r_cons in zip(texts, truths, consistency):
         r_fmt, r_acc = format_reward(text, cfg.format_weight), accuracy_reward(text, truth)

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
 
 
@@ -152,3 +153,84 @@ def test_missing_earlier_stage_says_which_command(tmp_path):
     stage2 = load_stage("02_rollout.py")
     with pytest.raises(SystemExit, match="python 01_sft_rm.py"):
         stage2.main(stage2.Config(runs_dir=str(tmp_path), run="nothing"))
+
+
+# ----------------------------------------------------------------------------- an LLM judge on the embedded tasks
+JUDGE_TEMPLATE = ("{% for m in messages %}<user> {{ m['content'] }} {% endfor %}"
+                  "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def build_tiny_judge(folder, stage1) -> None:
+    """A 2-layer random Llama with a word-level tokenizer over the judge prompt's and the embedded traces'
+    words (as tests/test_judge.py builds one). The output layer is zero but for "consistent" (+d) and
+    "inconsistent" (-d), d a random direction with the mean final state of sample prompts projected out: the
+    first greedy token is always a verdict, and which one changes from prompt to prompt. A random judge."""
+    import random
+    import re
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from adapters import judge as jd
+
+    rng = random.Random(0)
+    tasks = [stage1.make_task(rng, 56, 0.5) for _ in range(40)]
+    samples = [jd.judge_prompt({"question": t["question"], "thinking": stage1.parse_completion(t["sft_target"])[0],
+                                "answer": t["answer"]}) for t in tasks]
+    words = sorted({w for text in [jd.JUDGE_PROMPT] + samples + ["consistent inconsistent <user> <assistant>"]
+                    for w in re.findall(r"\w+|[^\w\s]+", text)})
+    vocab = {token: i for i, token in enumerate(["[UNK]", "</s>"] + words)}
+    word_level = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    word_level.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]", eos_token="</s>")
+    tokenizer.chat_template = JUDGE_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=False, bos_token_id=None, pad_token_id=None,
+                         eos_token_id=vocab["</s>"])
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        inputs = [tokenizer(f"<user> {p} <assistant>", return_tensors="pt") for p in samples[:10]]
+        last = torch.cat([model.model(**x).last_hidden_state[:, -1] for x in inputs])  # (10, 32)
+        mean = last.mean(0) / last.mean(0).norm()  # (32,)
+        direction = torch.randn(32, generator=torch.Generator().manual_seed(1))
+        direction = 100 * (direction - (direction @ mean) * mean)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[vocab["consistent"]] = direction
+        model.lm_head.weight[vocab["inconsistent"]] = -direction
+    model.save_pretrained(folder)
+
+
+def test_embedded_run_with_a_judge_reports_its_agreement_with_the_oracle(stage1, tiny_run, tmp_path):
+    """--judge on the embedded tasks: the CRM is trained as without it, and stage1.json holds the judge's labelling
+    stats and its agreement with the rule oracle on the SFT policy's rollouts; crm_data.jsonl holds exactly the
+    judge's verdicts (asked again here, one row at a time) in the --crm-data format."""
+    from transformers import AutoTokenizer
+
+    from adapters import judge as jd
+
+    build_tiny_judge(tmp_path / "judge", stage1)
+    cfg = stage1.Config(run="judged", runs_dir=str(tmp_path / "runs"), n_train=40, n_test=10, device="cpu",
+                        policy=str(tiny_run["dir"] / "policy_sft"), skip_policy_sft=True, crm_steps=10,
+                        crm_batch_size=16, eval_n=4, crm_rollout_prompts=20, crm_rollout_samples=2,
+                        max_new_tokens=48, judge=str(tmp_path / "judge"), judge_batch_size=8, crm_max_length=256)
+    summary = stage1.main(cfg)
+    judged = summary["judge"]
+    assert judged["judge"] == cfg.judge and judged["rows"] > 0 and judged["unparseable"] == 0  # always a verdict
+    assert judged["labelled"] == judged["rows"] == judged["consistent"] + judged["inconsistent"]
+    assert 0 < judged["consistent"] < judged["labelled"]  # the verdict changes with the prompt
+    rows = stage1.read_crm_jsonl(str(tmp_path / "runs" / "judged" / "crm_data.jsonl"))
+    assert len(rows) == judged["labelled"] and sum(r["label"] for r in rows) == judged["consistent"]
+    unlabelled = [{k: r[k] for k in ("question", "thinking", "answer")} for r in rows]
+    again, _ = jd.label_rows(jd.LocalJudge(cfg.judge, batch_size=1), unlabelled)
+    assert [r["label"] for r in again] == [r["label"] for r in rows]
+    oracle = [int(stage1.oracle_consistent(r["thinking"], r["answer"])) for r in rows]
+    agreement = judged["agreement"]
+    assert agreement == jd.agreement([r["label"] for r in rows], oracle)
+    assert agreement["n"] == len(rows) == sum(agreement[k] for k in ("tp", "fp", "fn", "tn"))
+    assert json.loads((tmp_path / "runs" / "judged" / "stage1.json").read_text())["judge"] == judged
+    assert "crm_on_policy_rollouts" in summary  # the CRM is trained as without a judge (oracle labels)
+    crm_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "runs" / "judged" / "crm")
+    assert crm_tokenizer.model_max_length == 256  # what stages 3, 5 and 6 cut pairs to
