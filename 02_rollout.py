@@ -23,11 +23,13 @@ one-token forward compiled by torch.compile, on CUDA as a CUDA graph. `--fast` p
 auto = the fast path on CUDA, the simple loop on the CPU (bench/bench_rollout.py times both).
 
 Reads:  runs/<run>/policy_sft/ (or --policy), runs/<run>/data/ and stage1.json (from 01_sft_rm.py).
-Writes: runs/<run>/rollouts.jsonl, one row per prompt with its G completions.
+Writes: runs/<run>/rollouts.jsonl, one row per prompt with its G completions, replaced only once they are all
+        sampled (a bad flag or an empty split stops the stage before, and the old file stays).
 Run:    python 02_rollout.py [--n-prompts 16 --group-size 8 --temperature 1.0]
 """
 import dataclasses
 import importlib
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -56,9 +58,28 @@ class Config:
     top_k: int = 0  # keep the k most likely tokens (0 = off)
     top_p: float = 1.0  # keep the smallest set with this much probability (1 = off)
     seed: int = 0  # seeds prompt choice and sampling
+    dtype: str = "auto"  # compute precision: auto = bf16 on CUDA, fp32 on CPU (01_sft_rm.compute_dtype)
     fast: str = "auto"  # on = sample_completions_fast, off = the simple loop, auto = on for CUDA only (on a CPU
     # the tiny policy's step costs about the same either way, so the readable loop stays the one that runs)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the policy runs
+
+
+def check_config(cfg: Config) -> None:
+    """Refuse flags that would crash or sample nothing, before anything is read, loaded or written."""
+    counts = {"--n-prompts": cfg.n_prompts, "--group-size": cfg.group_size,
+              "--prompts-per-batch": cfg.prompts_per_batch, "--max-new-tokens": cfg.max_new_tokens}
+    for flag, value in counts.items():
+        if value < 1:
+            raise SystemExit(f"{flag} {value}: must be at least 1.")
+    if not (math.isfinite(cfg.temperature) and cfg.temperature >= 0):
+        raise SystemExit(f"--temperature {cfg.temperature}: must be a finite number >= 0 (0 = greedy).")
+    if cfg.top_k < 0:
+        raise SystemExit(f"--top-k {cfg.top_k}: must be at least 0 (0 = off).")
+    if not (0 < cfg.top_p <= 1):
+        raise SystemExit(f"--top-p {cfg.top_p}: must be in (0, 1] (1 = off).")
+    if cfg.fast not in ("auto", "on", "off"):
+        raise SystemExit(f"--fast {cfg.fast}: use auto, on or off.")
+    stage1.compute_dtype(cfg.device, cfg.dtype)  # an unknown --dtype is refused there
 
 
 @dataclass
@@ -416,14 +437,19 @@ def data_columns(stage1_config: dict) -> dict:
 def main(cfg: Config) -> list[dict]:
     from datasets import load_from_disk
 
+    check_config(cfg)  # every flag, before anything is read, loaded or written
     run_dir = Path(cfg.runs_dir) / cfg.run
     stage1_config = stage1.read_stage1(run_dir)["config"]
     data = load_from_disk(str(stage1.require(run_dir / "data", "python 01_sft_rm.py")))
     if cfg.split not in data:
         raise SystemExit(f"--split {cfg.split}: {run_dir / 'data'} has splits {list(data)}.")
     data = data[cfg.split]
+    if len(data) == 0:
+        raise SystemExit(f"--split {cfg.split}: {run_dir / 'data'} has no rows in it; pick another split "
+                         f"({run_dir / 'rollouts.jsonl'} is left as it was).")
     policy = cfg.policy or str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))
-    model, processor = stage1.load_policy(policy, cfg.device)
+    # nothing trains here: the policy is stored in the compute dtype (bf16 on CUDA), as in stages 5 and 6
+    model, processor = stage1.load_policy(policy, cfg.device, dtype=stage1.compute_dtype(cfg.device, cfg.dtype))
     model.eval()
 
     rows = random.Random(cfg.seed).sample(range(len(data)), min(cfg.n_prompts, len(data)))

@@ -25,22 +25,41 @@ adapters on the language model; the reference is the same model with its adapter
 --freeze-vision-tower (visual features once per prompt, reused by its G rows), --gradient-checkpointing,
 --logprob-chunk, --micro-batch-size. bench/memory_plan.py gives the memory each one saves.
 
+Several GPUs: `torchrun --nproc-per-node N 05_grpo_train.py --parallel ddp|fsdp ...` runs this same loop on N
+ranks. Each step's P prompts are split over them, P/N each (whole groups, so rewards and HRAS need no
+communication); the loss divides by the token count of the global batch (one all-reduce), so N ranks compute the
+update one process computes from the same samples (a test checks it, for ddp and fsdp). ddp: every rank holds the
+whole model (DistributedDataParallel); fsdp: FSDP2 shards weights, gradients and AdamW states over the ranks and
+gathers the whole model for the rollout (see gathered()). Sampling seeds differ by rank; the prompt order is the
+same everywhere. Rank 0 logs the metrics (averaged over ranks) and writes the checkpoints from a gathered state
+dict: whole weights in the Hugging Face folder one process writes (stage 6 reads it), resumed on the same number of
+ranks. Not supported: LoRA with fsdp, the fast sampler with fsdp, a resume on another number of ranks.
+
 Reads:  runs/<run>/{data,policy_sft,crm}/ and stage1.json (01_sft_rm.py).
 Writes: runs/<run>/<name>/ with metrics.jsonl (one line per step), samples.jsonl (decoded
         completions every --sample-every steps), checkpoint/ (every --checkpoint-every steps,
-        atomic; --resume continues from it), policy/ (the final weights), summary.json.
+        atomic; --resume continues from it), policy/ (the final weights), summary.json. A folder that holds
+        a run is never replaced unless --overwrite says so.
 Run:    python 05_grpo_train.py --advantage hras      # CORA;   --advantage grpo | sum for the baselines
+        torchrun --nproc-per-node 8 05_grpo_train.py --parallel fsdp --prompts-per-step 64 ...   # 8 GPUs
 """
+import atexit
+import contextlib
 import dataclasses
+import functools
 import importlib
 import json
+import math
+import os
 import random
 import shutil
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 
@@ -93,13 +112,68 @@ class Config:
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank through peft instead of every weight
     lora_alpha: float = 32.0  # LoRA scale is alpha / rank
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # language-model linears to adapt
+    # several processes (torchrun)
+    parallel: str = "auto"  # under torchrun: ddp (whole model per rank) | fsdp (FSDP2, 1/N per rank); auto = ddp
     # bookkeeping
     checkpoint_every: int = 25  # steps between checkpoints
     sample_every: int = 25  # steps between dumps of decoded completions
     resume: bool = False  # continue from runs/<run>/<name>/checkpoint
+    overwrite: bool = False  # replace a run folder that already holds a run (without it, such a folder is refused)
     stop_after: int = 0  # stop after this many steps in this process, as if killed (tests of --resume)
     seed: int = 0  # seeds prompt order and sampling
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the policy trains
+
+
+def check_config(cfg: Config) -> None:
+    """Refuse flags that would crash a step, train on nothing or make weights NaN, before anything is read.
+    (--prompts-per-step against the split's size is checked in main, once the data is open.)"""
+    at_least = {"--steps": (cfg.steps, 1), "--prompts-per-step": (cfg.prompts_per_step, 1),
+                "--group-size": (cfg.group_size, 2), "--max-new-tokens": (cfg.max_new_tokens, 1),
+                "--top-k": (cfg.top_k, 0), "--updates-per-batch": (cfg.updates_per_batch, 1),
+                "--micro-batch-size": (cfg.micro_batch_size, 1), "--logprob-chunk": (cfg.logprob_chunk, 1),
+                "--checkpoint-every": (cfg.checkpoint_every, 1), "--sample-every": (cfg.sample_every, 1),
+                "--stop-after": (cfg.stop_after, 0), "--lora-rank": (cfg.lora_rank, 0),
+                "--beta-warmup-steps": (cfg.beta_warmup_steps, 0)}
+    for flag, (value, low) in at_least.items():
+        if value < low:
+            why = " (a group of one has no baseline: its advantage is always 0)" if flag == "--group-size" else ""
+            raise SystemExit(f"{flag} {value}: must be at least {low}{why}.")
+    if not (math.isfinite(cfg.temperature) and cfg.temperature > 0):
+        raise SystemExit(f"--temperature {cfg.temperature}: stage 5 needs T > 0. The update divides the logits by T "
+                         f"(T = 0 makes every weight NaN after the first step) and T < 0 samples the least likely "
+                         f"tokens. For greedy numbers, evaluate with 06_eval.py --temperature 0.")
+    if not (0 < cfg.top_p <= 1):
+        raise SystemExit(f"--top-p {cfg.top_p}: must be in (0, 1] (1 = off).")
+    for flag, value, low in [("--lr", cfg.lr, 0.0), ("--weight-decay", cfg.weight_decay, 0.0),
+                             ("--grad-clip", cfg.grad_clip, 0.0), ("--clip-low", cfg.clip_low, 0.0),
+                             ("--clip-high", cfg.clip_high, 0.0), ("--kl-beta", cfg.kl_beta, 0.0),
+                             ("--lora-alpha", cfg.lora_alpha, 0.0)]:
+        if not (math.isfinite(value) and value >= low):
+            raise SystemExit(f"{flag} {value}: must be a finite number >= {low}.")
+    if cfg.lr == 0 or cfg.grad_clip == 0:
+        raise SystemExit(f"--lr {cfg.lr}, --grad-clip {cfg.grad_clip}: both must be above 0 (0 trains nothing).")
+    if cfg.clip_low >= 1:
+        raise SystemExit(f"--clip-low {cfg.clip_low}: must be below 1 (the ratio is clipped below at 1 - clip_low).")
+    if cfg.beta_schedule not in ("constant", "warmup", "decay"):
+        raise SystemExit(f"--beta-schedule {cfg.beta_schedule}: use constant, warmup or decay.")
+    stage3.check_config(stage3.Config(lambda_cons=cfg.lambda_cons, format_weight=cfg.format_weight))
+    stage4.check_config(stage4.Config(advantage=cfg.advantage, alpha=cfg.alpha, beta=cfg.beta, eps=cfg.eps,
+                                      cons_eps=cfg.cons_eps))
+    for flag, value, choices in [("--fast", cfg.fast, ("auto", "on", "off")),
+                                 ("--pi-old", cfg.pi_old, ("auto", "sampler", "recompute")),
+                                 ("--parallel", cfg.parallel, ("auto", "ddp", "fsdp"))]:
+        if value not in choices:
+            raise SystemExit(f"{flag} {value}: use {', '.join(choices)}.")
+    stage1.compute_dtype(cfg.device, cfg.dtype)  # an unknown --dtype is refused there
+    if cfg.parallel == "fsdp" and cfg.lora_rank > 0:
+        raise SystemExit("--parallel fsdp with --lora-rank: not supported (the reference is the model with its "
+                         "adapters off, which this loop does not shard); use --parallel ddp: with LoRA each rank "
+                         "holds a frozen base in the compute dtype and only the adapters' gradients are reduced.")
+    if cfg.parallel == "fsdp" and cfg.fast == "on":
+        raise SystemExit("--parallel fsdp with --fast on: not supported (the compiled decode step cannot run "
+                         "through FSDP2's hooks); leave --fast auto, which samples with the simple loop under fsdp.")
+    if cfg.resume and cfg.overwrite:
+        raise SystemExit("--resume and --overwrite: pass one (continue the run, or replace it).")
 
 
 # ----------------------------------------------------------------------------- the update
@@ -144,12 +218,14 @@ def vision_is_frozen(model) -> bool:
 
 
 def batch_logprobs(cfg: Config, model, prompt: dict, ids, mask, rows: list[int], visual) -> torch.Tensor:
-    """completion_logprobs of batch rows `rows`; row r belongs to prompt r // G, and so do its visual features."""
+    """completion_logprobs of batch rows `rows`; row r belongs to prompt r // G, and so do its visual features.
+    Under torchrun it runs through the forward that DDP or FSDP2 watches (model.completion_logprobs: parallelize)."""
     prompt_of = [r // cfg.group_size for r in rows]
     features = [visual[k] for k in prompt_of] if visual is not None else None
+    forward = getattr(model, "completion_logprobs", None) or functools.partial(stage1.completion_logprobs, model)
     with stage1.autocast(cfg.device, stage1.compute_dtype(cfg.device, cfg.dtype)):  # bf16 matmuls on CUDA
-        return stage1.completion_logprobs(model, prompt_rows(prompt, prompt_of), ids[rows], mask[rows],
-                                          cfg.temperature, cfg.logprob_chunk, features)  # (b, L)
+        return forward(prompt_rows(prompt, prompt_of), ids[rows], mask[rows], cfg.temperature, cfg.logprob_chunk,
+                       features)  # (b, L)
 
 
 def reference_logprobs(cfg: Config, model, reference, prompt: dict, ids, mask, rows: list[int], visual):
@@ -162,9 +238,12 @@ def reference_logprobs(cfg: Config, model, reference, prompt: dict, ids, mask, r
 
 
 def update(cfg: Config, model, reference, optimizer, scheduler, prompt: dict, ids, mask, old_logprobs,
-           advantages) -> dict:
-    """updates_per_batch optimiser steps over the batch, each accumulated over micro-batches."""
-    N, n_tokens = ids.shape[0], int(mask.sum())
+           advantages, step: int | None = None) -> dict:
+    """updates_per_batch optimiser steps over the batch, each accumulated over micro-batches. A non-finite loss or
+    gradient stops the run before the optimiser steps (the weights stay finite). Returns the batch's loss, kl and
+    clipped share (under torchrun: of the global batch, the same on every rank)."""
+    N, world = ids.shape[0], dist.get_world_size() if dist.is_initialized() else 1
+    n_tokens = int(sum_over_ranks([float(mask.sum())], cfg.device)[0])  # torchrun: the GLOBAL batch's token count
     micro_batches = [list(range(s, min(N, s + cfg.micro_batch_size))) for s in range(0, N, cfg.micro_batch_size)]
     totals = {"loss": 0.0, "kl": 0.0, "clipped": 0.0}
     visual = None
@@ -178,6 +257,7 @@ def update(cfg: Config, model, reference, optimizer, scheduler, prompt: dict, id
     model.train()
     for _ in range(cfg.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
+        batch = {"loss": 0.0, "kl": 0.0, "clipped": 0.0}
         for rows in micro_batches:
             new = batch_logprobs(cfg, model, prompt, ids, mask, rows, visual)  # (b, L)
             ref = None
@@ -185,14 +265,24 @@ def update(cfg: Config, model, reference, optimizer, scheduler, prompt: dict, id
                 ref = reference_logprobs(cfg, model, reference, prompt, ids, mask, rows, visual)
             loss, stats = policy_loss(new, old_logprobs[rows], advantages[rows], mask[rows], cfg.clip_low,
                                       cfg.clip_high, cfg.kl_beta, ref, n_tokens)
-            loss.backward()
-            totals["loss"] += loss.item()
-            totals["kl"] += stats["kl"] / n_tokens
-            totals["clipped"] += stats["clipped"] / n_tokens
-        torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.grad_clip)
+            # torchrun: DDP and FSDP2 average the gradients over ranks; this loss is already this rank's share of
+            # the global token mean, so the gradient wanted is their sum: undo the division.
+            (loss * world).backward()
+            batch["loss"] += loss.item()
+            batch["kl"] += stats["kl"] / n_tokens
+            batch["clipped"] += stats["clipped"] / n_tokens
+        batch = dict(zip(batch, sum_over_ranks(list(batch.values()), cfg.device)))  # torchrun: the global batch's
+        norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.grad_clip)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
+        if not (math.isfinite(batch["loss"]) and math.isfinite(norm)):  # the same global numbers on every rank
+            raise SystemExit(f"step {step}: the loss is {batch['loss']} and the gradient norm {norm}: not finite, so "
+                             f"the optimiser did not step and the weights stay as they were (the last checkpoint is "
+                             f"intact). A usual cause: a --lr so large that the last steps blew the logits up; lower "
+                             f"it and --resume, or start again with --overwrite.")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)  # free the gradients now: the next rollout needs the memory
+        totals = {k: totals[k] + batch[k] for k in totals}
     model.eval()
     return {k: v / cfg.updates_per_batch for k, v in totals.items()}
 
@@ -216,20 +306,171 @@ def add_lora(cfg: Config, model):
     return get_peft_model(model, lora)
 
 
+# ----------------------------------------------------------------------------- several processes (torchrun)
+# torchrun starts N copies of this file and gives each its RANK, WORLD_SIZE and LOCAL_RANK. The loop stays the same
+# loop; what differs is here, and marked "torchrun:" where main and update use it.
+def join_process_group(cfg: Config) -> tuple[int, int, str]:
+    """(rank, world size, device). Alone (no WORLD_SIZE in the environment): (0, 1, cfg.device), nothing joined.
+    Under torchrun: one GPU per rank (cuda:LOCAL_RANK), NCCL between GPUs, gloo between CPU processes."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, cfg.device
+    device = cfg.device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():  # a caller may have made the group already (a script that runs main twice)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        atexit.register(dist.destroy_process_group)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def sum_over_ranks(values: list[float], device) -> list[float]:
+    """Each value summed over the ranks, in one all-reduce; the values themselves in one process."""
+    if not dist.is_initialized():
+        return values
+    summed = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(summed)
+    return summed.tolist()
+
+
+def mean_over_ranks(row: dict, device) -> dict:
+    """The step's metrics averaged over ranks (one all-reduce). Every rank has the same number of rows and groups,
+    so a mean over rows or groups is the global one; entropy, a mean over tokens, weighs the ranks equally."""
+    keys = [k for k, v in row.items() if isinstance(v, float)]
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return {**row, **{k: v / world for k, v in zip(keys, sum_over_ranks([row[k] for k in keys], device))}}
+
+
+class LogProbs(torch.nn.Module):
+    """stage1.completion_logprobs as a module's forward(), for DDP to wrap (see parallelize). Its one submodule is
+    the policy itself: no parameter of its own."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, *args):
+        return stage1.completion_logprobs(self.policy, *args)
+
+
+def parallelize(mode: str, model, device: str, dtype: torch.dtype, trains: bool = True):
+    """Ready `model` for several ranks and set model.completion_logprobs, the update's forward (batch_logprobs).
+
+    Why a forward of its own: DDP and FSDP2 work in hooks around a module's forward() (DDP arms its gradient
+    all-reduce there; FSDP2 all-gathers a group's weights before it and frees them after, and reduce-scatters the
+    gradients in backward). The update never calls model.forward: completion_logprobs runs the backbone, then
+    lm_head a chunk at a time (the logits' memory). So that function itself becomes the forward they watch.
+    ddp:  DistributedDataParallel wraps LogProbs(model). The frozen reference (trains=False) is left whole. With
+          several micro-batches DDP all-reduces after each backward, and the sum stays right (what was reduced
+          already is the same on every rank); no_sync() would save all but the last all-reduce, at a few lines.
+    fsdp: fully_shard on each decoder layer, on the vision tower, then on the whole model (the root group: the
+          embeddings, the final norm and lm_head, tied or not); register_fsdp_forward_method makes
+          completion_logprobs a forward of the root, so the root group is gathered around it and every parameter
+          is whole when used. Weights are gathered in the compute dtype, gradients reduced in fp32.
+    """
+    if mode == "ddp" and trains:
+        from torch.nn.parallel import DistributedDataParallel
+
+        gpu = [torch.device(device)] if device.startswith("cuda") else None
+        ddp = DistributedDataParallel(LogProbs(model), device_ids=gpu, broadcast_buffers=False)  # rotary tables fixed
+        object.__setattr__(model, "completion_logprobs", ddp)  # an attribute, not a submodule: ddp holds model
+    if mode == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+        mixed = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+        core = stage1.unwrap(model).model
+        for layer in core.language_model.layers:
+            fully_shard(layer, mp_policy=mixed)
+        fully_shard(core.visual, mp_policy=mixed)  # its own group: a frozen tower may be stored in another dtype
+        fully_shard(model, mp_policy=mixed)
+        model.completion_logprobs = functools.partial(stage1.completion_logprobs, model)
+        register_fsdp_forward_method(model, "completion_logprobs")
+        if not trains:
+            model.set_reshard_after_forward(True)  # the reference: free its gathered root after each forward
+    return model
+
+
+@contextlib.contextmanager
+def gathered(model):
+    """FSDP2: run the block (the rollout) on whole weights. Every group is all-gathered once before it and kept
+    through its decode steps (by default a layer frees its weights after each forward and gathers them again at the
+    next one: once per token), then freed. What that costs: during the rollout each rank holds every weight in the
+    compute dtype (2 bytes a parameter in bf16) on top of its 1/N of the fp32 weights, gradients and AdamW states
+    and its KV cache; unlike the sharded part, that copy does not shrink with more ranks. A no-op without FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    inner = [m for m in groups if m is not model]
+    for group in inner:
+        group.set_reshard_after_forward(False, recurse=False)
+    for group in groups:
+        group.unshard()
+    try:
+        yield
+    finally:
+        for group in inner:
+            group.set_reshard_after_forward(True, recurse=False)
+        for group in groups:
+            group.reshard()
+
+
+def whole_weights(model, mode: str) -> dict | None:
+    """fsdp: every weight whole, gathered to rank 0's CPU (a collective: every rank calls it; other ranks get {}).
+    Otherwise None: the model's own parameters are whole."""
+    if mode != "fsdp":
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def saveable(model, weights: dict | None):
+    """Something with save_pretrained(folder) that writes `model` with `weights` (whole_weights) when given."""
+    if weights is None:
+        return model
+    return types.SimpleNamespace(save_pretrained=functools.partial(model.save_pretrained, state_dict=weights))
+
+
 # ----------------------------------------------------------------------------- checkpoints
-def save_checkpoint(out_dir: Path, model, processor, optimizer, scheduler, step: int, rng_states: dict) -> None:
-    """Write checkpoint.tmp/, then swap it in: a kill at any moment leaves one complete checkpoint."""
-    tmp, final, old = out_dir / "checkpoint.tmp", out_dir / "checkpoint", out_dir / "checkpoint.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                **rng_states}, tmp / "trainer_state.pt")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+# Flags a resumed run must keep: it would mix methods or batch shapes, and each rank's sampler state is saved.
+RESUME_MUST_MATCH = ["advantage", "group_size", "prompts_per_step", "lora_rank", "parallel", "world_size"]
+RUN_OUTPUTS = ["metrics.jsonl", "samples.jsonl", "checkpoint", "checkpoint.old", "checkpoint.tmp", "policy",
+               "policy.tmp", "summary.json"]  # what --overwrite removes
+
+
+def save_checkpoint(out_dir: Path, model, processor, optimizer, scheduler, step: int, rng_states: dict,
+                    run_config: dict) -> None:
+    """Write checkpoint.tmp/, then swap it in: a kill at any moment leaves one complete checkpoint.
+    torchrun: every rank calls it (fsdp gathers the weights and AdamW states; each rank's sampler state is gathered);
+    rank 0 writes; the others wait for it, so no rank reads a half-written checkpoint."""
+    mode, rank = run_config["parallel"], dist.get_rank() if dist.is_initialized() else 0
+    weights = whole_weights(model, mode)
+    if mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optimizer_state = get_optimizer_state_dict(model, optimizer,
+                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        optimizer_state = optimizer.state_dict()  # one process, or ddp: every rank holds the same whole state
+    per_rank = [rng_states]
+    if dist.is_initialized():
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, rng_states)
+    if rank == 0:
+        tmp, final, old = out_dir / "checkpoint.tmp", out_dir / "checkpoint", out_dir / "checkpoint.old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        saveable(model, weights).save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                    "ranks": per_rank}, tmp / "trainer_state.pt")
+        stage1.write_json_atomic(tmp / "run_config.json", run_config)  # what a --resume must match
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def latest_checkpoint(out_dir: Path) -> Path | None:
@@ -237,6 +478,57 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
         if (folder / "trainer_state.pt").exists():
             return folder
     return None
+
+
+def check_run_folder(cfg: Config, out_dir: Path, run_config: dict) -> Path | None:
+    """Before any model loads: the checkpoint --resume continues from (an error when there is none, or when its
+    flags differ), or None for a new run, refused if the folder already holds one and --overwrite is not given."""
+    if cfg.resume:
+        checkpoint = latest_checkpoint(out_dir)
+        if checkpoint is None:
+            raise SystemExit(f"--resume: {out_dir} has no checkpoint (checkpoint/trainer_state.pt), so there is "
+                             f"nothing to continue; run without --resume (add --overwrite to replace what is there).")
+        saved_path = checkpoint / "run_config.json"
+        saved = json.loads(saved_path.read_text()) if saved_path.exists() else None
+        if saved is None:  # written before checkpoints kept their flags
+            print(f"warning: {checkpoint} does not record its flags; resuming without checking them")
+        for key in RESUME_MUST_MATCH if saved else []:
+            if saved.get(key) != run_config[key]:
+                raise SystemExit(
+                    f"--resume: {checkpoint} was written with {key} = {saved.get(key)!r}, this run has "
+                    f"{run_config[key]!r}. A resumed run keeps {', '.join(RESUME_MUST_MATCH)} (else it mixes methods "
+                    f"or batch shapes; each rank's sampler state is in the checkpoint). Resume with the same flags, "
+                    f"or give this run another --name.")
+        return checkpoint
+    held = [name for name in RUN_OUTPUTS  # an empty metrics.jsonl holds no run
+            if (out_dir / name).is_dir() or ((out_dir / name).exists() and (out_dir / name).stat().st_size)]
+    if held and not cfg.overwrite:
+        raise SystemExit(f"{out_dir} already holds a run ({', '.join(held)}): pass --resume to continue it, "
+                         f"--overwrite to replace it, or --name for a new folder.")
+    return None
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl (or samples.jsonl). A last line cut short (a kill or a full disk in mid-write) is
+    dropped with a warning, and the step it belonged to is simply redone or missing; a broken line before the last
+    is an error that names it (an append does not fail that way)."""
+    lines = Path(path).read_text().splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if lines:
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            print(f"warning: {path}, line {len(lines)}: cut short ({lines[-1][:60]!r}...), dropped")
+            lines.pop()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise SystemExit(f"{path}, line {number}: not valid JSON ({error}); fix or delete that line.")
+    return rows
 
 
 def step_metrics(scores: list[dict], crm_probs: list[float], lengths, truncated, advantages, group_size: int,
@@ -260,19 +552,34 @@ def step_metrics(scores: list[dict], crm_probs: list[float], lengths, truncated,
 def main(cfg: Config) -> dict:
     from datasets import load_from_disk
 
+    check_config(cfg)  # every flag, before anything is read, loaded or written
+    # torchrun: this process's rank, and its device (one GPU per rank); alone: rank 0 of 1, cfg.device
+    rank, world, device = join_process_group(cfg)
+    mode = ("ddp" if cfg.parallel == "auto" else cfg.parallel) if "WORLD_SIZE" in os.environ else "none"
+    if mode == "none" and cfg.parallel != "auto":
+        raise SystemExit(f"--parallel {cfg.parallel}: launch with torchrun, e.g. `torchrun --nproc-per-node 2 "
+                         f"05_grpo_train.py --parallel {cfg.parallel} ...`; alone, leave --parallel auto.")
+    cfg = dataclasses.replace(cfg, device=device)
     run_dir = Path(cfg.runs_dir) / cfg.run
     stage1_config = stage1.read_stage1(run_dir)["config"]
     embedded = stage1_config["dataset"] is None
     columns = stage2.data_columns(stage1_config)
     train = load_from_disk(str(stage1.require(run_dir / "data", "python 01_sft_rm.py")))[stage1_config["train_split"]]
+    if cfg.prompts_per_step > len(train):
+        raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step}: the {stage1_config['train_split']} split of "
+                         f"{run_dir / 'data'} has {len(train)} rows; pass at most {len(train)}.")
+    if cfg.prompts_per_step % world:  # torchrun: whole groups per rank, the same number on every rank
+        raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step}: must be a multiple of the {world} ranks.")
     out_dir = run_dir / (cfg.name or f"{cfg.advantage}_seed{cfg.seed}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run_config = {**dataclasses.asdict(cfg), "parallel": mode, "world_size": world}
+    checkpoint = check_run_folder(cfg, out_dir, run_config)  # refuses to mix or erase runs, before any model loads
+    if world > 1:
+        dist.barrier()  # torchrun: every rank has read the run folder before rank 0 changes it
     init = cfg.init or str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))
 
     # models: the policy, an optional frozen reference, the frozen CRM. Frozen weights are stored in the compute
     # dtype (bf16 on CUDA); trained weights in fp32 (master weights, bf16 matmuls under autocast): 01_sft_rm.compute_dtype
     dtype = stage1.compute_dtype(cfg.device, cfg.dtype)
-    checkpoint = latest_checkpoint(out_dir) if cfg.resume else None
     if cfg.lora_rank > 0:  # a frozen base in the compute dtype + fp32 adapters (peft's default for a bf16 base)
         if checkpoint:
             model, processor = stage1.load_policy(str(checkpoint), cfg.device, dtype=dtype, trainable=True)
@@ -290,44 +597,61 @@ def main(cfg: Config) -> dict:
     reference = None  # LoRA: the reference is the policy with its adapters off (reference_logprobs)
     if cfg.kl_beta > 0 and cfg.lora_rank == 0:
         reference = stage1.load_policy(init, cfg.device, dtype=dtype)[0].eval().requires_grad_(False)
+        reference = parallelize(mode, reference, cfg.device, dtype, trains=False)
+    model = parallelize(mode, model, cfg.device, dtype)  # torchrun: DDP or FSDP2 (a no-op alone)
     crm_path = cfg.crm or str(stage1.require(run_dir / "crm", "python 01_sft_rm.py"))
     crm, crm_tokenizer = stage1.load_crm(crm_path, cfg.device, dtype=dtype)
     crm.eval().requires_grad_(False)
     reward_cfg = stage3.Config(lambda_cons=cfg.lambda_cons, format_weight=cfg.format_weight, device=cfg.device)
     stop_ids, forbidden = stage1.stop_token_ids(processor), stage2.forbidden_token_ids(processor)
+    fast = "off" if mode == "fsdp" else cfg.fast  # fsdp: the simple loop (the compiled step cannot run its hooks)
 
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   fused=cfg.device.startswith("cuda"))  # one kernel, no per-tensor temporaries
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 5))  # 5-step warm-up
-    prompt_rng = random.Random(cfg.seed)
+    prompt_rng = random.Random(cfg.seed)  # torchrun: the same on every rank, so every rank draws the same prompts
     torch.manual_seed(cfg.seed)
-    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    # torchrun: a sampling seed per rank (seed * N + rank: distinct over ranks and seeds; one process: the seed)
+    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed * world + rank)
     start_step = 0
     if checkpoint:
-        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        prompt_rng.setstate(state["prompt_rng"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        start_step = state["step"]
-        print(f"resumed from {checkpoint} at step {start_step}")
-    metrics_path, samples_path = out_dir / "metrics.jsonl", out_dir / "samples.jsonl"
-    for path in (metrics_path, samples_path):  # a resumed run redoes (and relogs) the steps after its checkpoint
-        kept = [r for r in stage1.read_jsonl(path) if r["step"] <= start_step] if path.exists() else []
-        stage1.write_jsonl_atomic(path, kept)
-    stage1.write_json_atomic(out_dir / "config.json", dataclasses.asdict(cfg))
+        state = torch.load(checkpoint / "trainer_state.pt", weights_only=False, map_location="cpu")
+        if mode == "fsdp":  # the whole AdamW state, cut to this rank's shards
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+            set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        mine = state["ranks"][rank] if "ranks" in state else state  # this rank's RNG states (older: at the top)
+        prompt_rng.setstate(mine["prompt_rng"])
+        generator.set_state(mine["generator"])
+        torch.set_rng_state(mine["torch_rng"])
+        start_step = state["step"]
+        if rank == 0:
+            print(f"resumed from {checkpoint} at step {start_step}")
+    metrics_path, samples_path = out_dir / "metrics.jsonl", out_dir / "samples.jsonl"
+    if rank == 0:  # torchrun: one writer
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in RUN_OUTPUTS if cfg.overwrite else []:  # --overwrite: the old run goes now, not before
+            shutil.rmtree(out_dir / name) if (out_dir / name).is_dir() else (out_dir / name).unlink(missing_ok=True)
+        for path in (metrics_path, samples_path):  # a resumed run redoes (and relogs) the steps after its checkpoint
+            kept = [r for r in read_metrics(path) if r["step"] <= start_step] if checkpoint and path.exists() else []
+            stage1.write_jsonl_atomic(path, kept)
+        stage1.write_json_atomic(out_dir / "config.json", run_config)
+
+    per_rank = cfg.prompts_per_step // world
     started, steps_this_run = time.time(), 0
     for step in (bar := tqdm(range(start_step, cfg.steps), desc=f"{cfg.advantage} seed {cfg.seed}", initial=start_step,
-                             total=cfg.steps)):
-        # 1-2. prompts and rollouts
-        rows = prompt_rng.sample(range(len(train)), cfg.prompts_per_step)
+                             total=cfg.steps, disable=rank > 0)):
+        # 1-2. prompts and rollouts (torchrun: every rank draws the same P, and takes its own P / N of them)
+        rows = prompt_rng.sample(range(len(train)), cfg.prompts_per_step)[rank * per_rank:(rank + 1) * per_rank]
         images = [stage1.row_image(train, i, columns["image"]) for i in rows]
         questions = [train[i][columns["question"]] for i in rows]
         prompt = stage1.to_device(stage1.encode_prompts(processor, images, questions), cfg.device)
-        with stage1.autocast(cfg.device, dtype):
-            ids, mask, old_logprobs, truncated = stage2.sampler(cfg.fast, cfg.device)(  # LoRA layers sit inside unwrap()
+        with stage1.autocast(cfg.device, dtype), gathered(model):  # fsdp: the rollout on whole weights
+            ids, mask, old_logprobs, truncated = stage2.sampler(fast, cfg.device)(  # LoRA layers sit inside unwrap()
                 stage1.unwrap(model), prompt, cfg.group_size, cfg.max_new_tokens, stop_ids, forbidden,
                 processor.tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, generator)
         texts = processor.batch_decode(ids, skip_special_tokens=True)  # padding and stop tokens are special: skipped
@@ -337,22 +661,25 @@ def main(cfg: Config) -> dict:
         scores = stage3.score_completions(texts, group_questions, truths, crm, crm_tokenizer, reward_cfg, embedded)
         task = torch.tensor([s["task"] for s in scores], device=cfg.device)  # (N,)
         consistency = torch.tensor([s["consistency"] for s in scores], device=cfg.device)  # (N,)
-        # 4. advantages
+        # 4. advantages (a group never crosses ranks: nothing to communicate)
         beta_t = stage4.consistency_weight(step, cfg.steps, cfg.beta, cfg.beta_schedule, cfg.beta_warmup_steps)
         advantages = stage4.advantages(cfg.advantage, task, consistency, cfg.group_size, cfg.alpha, beta_t, cfg.eps,
                                        cfg.cons_eps)
         # 5. update
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses (the scheduler steps after it)
-        losses = update(cfg, model, reference, optimizer, scheduler, prompt, ids, mask, old_logprobs, advantages)
+        losses = update(cfg, model, reference, optimizer, scheduler, prompt, ids, mask, old_logprobs, advantages,
+                        step + 1)
 
         crm_probs = [s["consistency"] / cfg.lambda_cons if cfg.lambda_cons else 0.0 for s in scores]
         row = {"step": step + 1, **step_metrics(scores, crm_probs, mask.sum(1), truncated, advantages,
                                                  cfg.group_size, old_logprobs, mask),
                **losses, "beta_t": beta_t, "lr": lr, "seconds": round(time.time() - started, 2)}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        bar.set_postfix(acc=f"{row['accuracy']:.2f}", cons=f"{row['crm_consistency']:.2f}", kl=f"{row['kl']:.3f}")
-        if (step + 1) % cfg.sample_every == 0:
+        row = mean_over_ranks(row, cfg.device)  # torchrun: one line for all ranks
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            bar.set_postfix(acc=f"{row['accuracy']:.2f}", cons=f"{row['crm_consistency']:.2f}", kl=f"{row['kl']:.3f}")
+        if (step + 1) % cfg.sample_every == 0 and rank == 0:  # torchrun: rank 0's groups
             with open(samples_path, "a") as f:
                 for i in range(0, len(texts), cfg.group_size * 2):
                     f.write(json.dumps({"step": step + 1, "question": group_questions[i], "answer": truths[i],
@@ -361,12 +688,17 @@ def main(cfg: Config) -> dict:
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(out_dir, model, processor, optimizer, scheduler, step + 1,
                             {"prompt_rng": prompt_rng.getstate(), "generator": generator.get_state(),
-                             "torch_rng": torch.get_rng_state()})
+                             "torch_rng": torch.get_rng_state()}, run_config)
         if cfg.stop_after and steps_this_run >= cfg.stop_after:
-            print(f"stopping after {steps_this_run} steps (--stop-after)")
+            if rank == 0:
+                print(f"stopping after {steps_this_run} steps (--stop-after)")
             return {}
 
-    stage1.save_folder_atomic(out_dir / "policy", model, processor)
+    weights = whole_weights(model, mode)  # fsdp: gathered to rank 0 (every rank takes part)
+    if rank > 0:
+        dist.barrier()  # torchrun: return once rank 0 has written the policy
+        return {}
+    stage1.save_folder_atomic(out_dir / "policy", saveable(model, weights), processor)
     history = stage1.read_jsonl(metrics_path)
     last = history[-10:]
     summary = {k: sum(r[k] for r in last) / len(last) for k in ("accuracy", "crm_consistency", "reward_task", "kl")}
@@ -378,6 +710,8 @@ def main(cfg: Config) -> dict:
           f"{summary['accuracy']:.3f} (last 10); CRM consistency {summary['crm_consistency']:.3f}"
           + (f"; oracle IR {summary['oracle_inconsistency_rate']:.3f}" if embedded else ""))
     print(f"wrote {out_dir}/{{metrics.jsonl,samples.jsonl,policy}}")
+    if world > 1:
+        dist.barrier()
     return summary
 
 

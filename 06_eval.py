@@ -21,6 +21,11 @@ are inconsistent ~30 % of the time. RL trains on samples, and the sampled IR is 
 (resumable: finished runs are kept, killed ones resume), then this evaluation on all of them, and
 prints one table (mean +- standard error over seeds).
 
+One process, also after a torchrun training: the checkpoints are whole Hugging Face folders, and the defaults
+sample 800 completions (200 prompts x 4) per checkpoint, as many as 12.5 training steps of 8 prompts x 8. Split
+over ranks, each rank would sample with its own random stream and the table would change with the number of GPUs.
+A checkpoint whose weights are not finite is named and skipped; the others are evaluated.
+
 Reads:  runs/<run>/{data,crm,policy_sft}/, runs/<run>/<name>/{policy,metrics.jsonl} (stages 1 and 5).
 Writes: runs/<run>/eval.json, runs/<run>/eval.md, runs/<run>/curves.png.
 Run:    python 06_eval.py                      # every checkpoint found under runs/default
@@ -29,6 +34,7 @@ Run:    python 06_eval.py                      # every checkpoint found under ru
 import dataclasses
 import importlib
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +69,41 @@ class Config:
     scale: int = 1  # multiply train_steps and prompts per step (e.g. 4 on a GPU)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where models run
     dtype: str = "auto"  # compute precision: auto = bf16 on CUDA, fp32 on CPU (01_sft_rm.compute_dtype)
+
+
+def check_config(cfg: Config) -> dict[str, str]:
+    """Refuse flags that would crash or evaluate nothing, before anything is loaded; returns --checkpoints parsed."""
+    counts = {"--n": cfg.n, "--samples": cfg.samples, "--max-new-tokens": cfg.max_new_tokens,
+              "--prompts-per-batch": cfg.prompts_per_batch, "--train-steps": cfg.train_steps, "--scale": cfg.scale}
+    for flag, value in counts.items():
+        if value < 1:
+            raise SystemExit(f"{flag} {value}: must be at least 1.")
+    if not (math.isfinite(cfg.temperature) and cfg.temperature >= 0):
+        raise SystemExit(f"--temperature {cfg.temperature}: must be a finite number >= 0 (0 = greedy).")
+    if cfg.fast not in ("auto", "on", "off"):
+        raise SystemExit(f"--fast {cfg.fast}: use auto, on or off.")
+    stage1.compute_dtype(cfg.device, cfg.dtype)  # an unknown --dtype is refused there
+    if cfg.reproduce:
+        unknown = [m for m in cfg.methods.split(",") if m not in ("grpo", "hras", "sum")]
+        if unknown:
+            raise SystemExit(f"--methods {cfg.methods}: {unknown} unknown; use a comma list of grpo, hras, sum.")
+        if not all(s.strip().lstrip("-").isdigit() for s in cfg.seeds.split(",")):
+            raise SystemExit(f"--seeds {cfg.seeds}: use a comma list of integers, e.g. 0,1,2.")
+    checkpoints = {}
+    for item in cfg.checkpoints.split(",") if cfg.checkpoints else []:
+        name, _, path = item.partition("=")
+        if not (name and path):
+            raise SystemExit(f"--checkpoints {cfg.checkpoints}: {item!r} is not name=path (e.g. hras=runs/default/"
+                             f"hras_seed0/policy).")
+        checkpoints[name] = path
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        raise SystemExit("06_eval.py runs on one process (see its docstring): run it with python, not torchrun.")
+    return checkpoints
+
+
+def non_finite(model) -> list[str]:
+    """Names of the parameters that hold a NaN or an infinity (a checkpoint a diverged run left)."""
+    return [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -183,7 +224,7 @@ def training_curves(run_dir: Path) -> dict[str, dict[str, list[tuple[int, float]
     keys = {"rollout accuracy": "accuracy", "rollout IR (oracle)": "oracle_inconsistency_rate",
             "rollout CRM consistency": "crm_consistency"}
     for metrics in sorted(run_dir.glob("*/metrics.jsonl")):
-        rows = stage1.read_jsonl(metrics)
+        rows = stage5.read_metrics(metrics)  # a last line cut short (a killed run) is dropped with a warning
         for title, key in keys.items():
             if rows and rows[0].get(key) is not None:
                 panels[title][metrics.parent.name] = [(r["step"], r[key]) for r in rows]
@@ -202,14 +243,16 @@ def reproduce(cfg: Config) -> None:
             if (run_dir / name / "summary.json").exists():
                 print(f"{name}: done already, kept")
                 continue
+            resume = stage5.latest_checkpoint(run_dir / name) is not None  # killed after a checkpoint: continue
             stage5.main(stage5.Config(run=cfg.run, runs_dir=cfg.runs_dir, name=name, advantage=method, seed=seed,
                                       steps=cfg.train_steps * cfg.scale, prompts_per_step=8 * cfg.scale,
-                                      resume=True, device=cfg.device, dtype=cfg.dtype))
+                                      resume=resume, overwrite=not resume, device=cfg.device, dtype=cfg.dtype))
 
 
 def main(cfg: Config) -> dict:
     from datasets import load_from_disk
 
+    checkpoints = check_config(cfg)  # every flag, before anything is read or loaded
     started = time.time()
     run_dir = Path(cfg.runs_dir) / cfg.run
     if cfg.reproduce:
@@ -217,21 +260,26 @@ def main(cfg: Config) -> dict:
     stage1_config = stage1.read_stage1(run_dir)["config"]
     embedded = stage1_config["dataset"] is None
     test = load_from_disk(str(stage1.require(run_dir / "data", "python 01_sft_rm.py")))[stage1_config["test_split"]]
-    if cfg.checkpoints:
-        checkpoints = dict(item.split("=", 1) for item in cfg.checkpoints.split(","))
-    else:
+    if not checkpoints:
         checkpoints = {"sft": str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))}
         checkpoints |= {p.parent.name: str(p) for p in sorted(run_dir.glob("*/policy"))}
     dtype = stage1.compute_dtype(cfg.device, cfg.dtype)  # nothing trains here: every model is stored in it
     crm, crm_tokenizer = stage1.load_crm(str(stage1.require(run_dir / "crm", "python 01_sft_rm.py")), cfg.device, dtype)
     crm.eval()
 
-    per_checkpoint = {}
+    per_checkpoint, skipped = {}, {}
     for name, path in tqdm(checkpoints.items(), desc="evaluating"):
         model, processor = stage1.load_policy(path, cfg.device, dtype=dtype)  # a LoRA policy: base + adapter
+        bad = non_finite(model)
+        if bad:  # one diverged run must not stop the evaluation of the others
+            skipped[name] = f"{len(bad)} weight tensors hold NaN or inf, e.g. {bad[0]}"
+            print(f"\nskipping {name} ({path}): {skipped[name]}")
+            continue
         per_checkpoint[name] = evaluate(stage1.unwrap(model).eval(), processor, test, stage2.data_columns(stage1_config), crm,
                                         crm_tokenizer, cfg, embedded)
         del model
+    if not per_checkpoint:
+        raise SystemExit(f"no checkpoint to evaluate: every one was skipped ({skipped}).")
     grouped: dict[str, list[dict]] = {}
     for name, metrics in per_checkpoint.items():
         grouped.setdefault(method_of(name), []).append(metrics)
@@ -240,7 +288,9 @@ def main(cfg: Config) -> dict:
     header = (f"Test split, first {min(cfg.n, len(test))} prompts, {mode}. Cells: % (mean ± standard error over "
               f"training seeds); IR = inconsistency rate; CC/CW/IC/IW = consistent/inconsistent x correct/wrong "
               f"({'oracle' if embedded else 'CRM'}).\n\n")
-    stage1.write_json_atomic(run_dir / "eval.json", {"config": dataclasses.asdict(cfg), "checkpoints": per_checkpoint})
+    header += "".join(f"Skipped {name}: {why}.\n\n" for name, why in skipped.items())
+    stage1.write_json_atomic(run_dir / "eval.json", {"config": dataclasses.asdict(cfg), "checkpoints": per_checkpoint,
+                                                     "skipped": skipped})
     (run_dir / "eval.md").write_text(header + table + "\n")
     panels = training_curves(run_dir)
     if any(panels.values()):
