@@ -17,8 +17,8 @@ What the loss reads: on-policy (the first update on a fresh batch, ratio = 1) it
 its gradient, sum_i A_i sum_t grad log pi(y_it) / sum_i |y_i|, is what trains. Watch the rewards.
 pi_old: in fp32 the sampler's own log-probs (stage 2 records them) equal a forward pass of the same
 weights (a test checks it), so no second pass is needed. Under bf16 the sampler (one token at a time
-through a KV cache) and the update (the whole sequence at once) round differently, so ratio != 1 and
-the clip fires on a first update; --pi-old auto then recomputes pi_old with the update's own forward.
+through a KV cache) and the update (the whole sequence at once) round differently, so the ratio moves off 1
+and the clip can fire on a first update; --pi-old auto then recomputes pi_old with the update's own forward.
 
 Real sizes on one GPU: --dtype (bf16 compute on CUDA; trained weights stay fp32), --lora-rank (peft
 adapters on the language model; the reference is the same model with its adapters off),
