@@ -219,15 +219,28 @@ def replace_run(run_dir: Path, new: Path) -> None:
     shutil.rmtree(new)
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file; a broken line is an error that names the file and the line."""
+def read_jsonl(path: Path, drop_cut_last_line: bool = False) -> list[dict]:
+    """Rows of a JSONL file; a broken line is an error that names the file and the line.
+
+    drop_cut_last_line: a file this project appends to (metrics.jsonl) may end in a line cut short by a kill
+    or a full disk in mid-write: that last line is dropped with a warning instead (an append breaks no other).
+    """
+    lines = Path(path).read_text().splitlines()
+    while drop_cut_last_line and lines and not lines[-1].strip():
+        lines.pop()
+    if drop_cut_last_line and lines:
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            print(f"warning: {path}, line {len(lines)}: cut short ({lines[-1][:60]!r}...), dropped")
+            lines.pop()
     rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for number, line in enumerate(lines, start=1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as error:
-                raise SystemExit(f"{path}, line {number}: not valid JSON ({error}).")
+                raise SystemExit(f"{path}, line {number}: not valid JSON ({error}); fix or delete that line.")
     return rows
 
 

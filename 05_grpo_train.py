@@ -509,26 +509,9 @@ def check_run_folder(cfg: Config, out_dir: Path, run_config: dict) -> Path | Non
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl (or samples.jsonl). A last line cut short (a kill or a full disk in mid-write) is
-    dropped with a warning, and the step it belonged to is simply redone or missing; a broken line before the last
-    is an error that names it (an append does not fail that way)."""
-    lines = Path(path).read_text().splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()
-    if lines:
-        try:
-            json.loads(lines[-1])
-        except json.JSONDecodeError:
-            print(f"warning: {path}, line {len(lines)}: cut short ({lines[-1][:60]!r}...), dropped")
-            lines.pop()
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise SystemExit(f"{path}, line {number}: not valid JSON ({error}); fix or delete that line.")
-    return rows
+    """The rows of a metrics.jsonl (or samples.jsonl); a last line cut short by a kill is dropped with a warning,
+    and the step it belonged to is redone (--resume) or missing (stage 6's curves)."""
+    return stage1.read_jsonl(path, drop_cut_last_line=True)
 
 
 def step_metrics(scores: list[dict], crm_probs: list[float], lengths, truncated, advantages, group_size: int,
