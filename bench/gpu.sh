@@ -47,10 +47,10 @@ for p in $PARTS; do
       part smoke_stage1 python3 01_sft_rm.py $R --sft-steps 150 --crm-steps 400 --crm-rollout-prompts 200
       part smoke_stages2to4 bash -c "python3 02_rollout.py $R && python3 03_rewards.py $R && python3 04_hras.py $R"
       for m in grpo hras sum; do
-        part "smoke_stage5_$m" python3 05_grpo_train.py $R --advantage $m --steps 10 --prompts-per-step 16
+        part "smoke_stage5_$m" python3 05_grpo_train.py $R --advantage $m --steps 10 --prompts-per-step 16 --overwrite
       done
       part smoke_stage5_lora python3 05_grpo_train.py $R --advantage hras --steps 5 --lora-rank 8 --kl-beta 0.05 \
-        --name lora_seed0
+        --name lora_seed0 --overwrite
       part smoke_stage6 python3 06_eval.py $R --n 200
       ;;
     rollout)
