@@ -79,7 +79,7 @@ class Config:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where models train
     dtype: str = "auto"  # compute precision: auto = bf16 on CUDA, fp32 on CPU (compute_dtype)
     # data
-    dataset: str | None = None  # hub id, load_from_disk folder or JSONL; None = embedded tasks
+    dataset: str | None = None  # hub id, load_from_disk folder, JSONL or benchmark name; None = embedded tasks
     image_column: str = "image"  # column with the image (PIL image, or a path for JSONL)
     question_column: str = "question"  # column with the question text
     answer_column: str = "answer"  # column with the verifiable answer
@@ -496,14 +496,19 @@ def check_jsonl_dataset(cfg: Config, path: str) -> None:
 
 
 def load_real_dataset(cfg: Config):
-    """--dataset as a load_from_disk folder, a JSONL file (image paths relative to it) or a hub id."""
+    """--dataset as a load_from_disk folder, a JSONL file (image paths relative to it), a hub id, or a paper
+    benchmark's name (adapters/benchmarks.py: its evaluated split in our columns, 5 % held out to test)."""
     from datasets import DatasetDict, Image as ImageFeature, load_dataset, load_from_disk
+
+    from adapters import benchmarks
 
     source = cfg.dataset
     try:
         if Path(source).is_dir() and any((Path(source) / f).exists() for f in ("dataset_dict.json",
                                                                                "dataset_info.json")):
             data = load_from_disk(source)
+        elif source in benchmarks.BENCHMARKS:  # image, question, answer + the comparator's columns
+            data = benchmarks.load(source)
         elif source.endswith((".jsonl", ".json")):
             if not Path(source).is_file():
                 raise SystemExit(f"--dataset {source}: no such file.")

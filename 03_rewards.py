@@ -6,7 +6,10 @@ For completion i of a prompt with true answer y:
              (whitespace around them allowed, multi-line thinking allowed, non-empty answer), else 0
   r_acc_i  = 1  if the last <answer> matches y (stage1.answers_match: integers exactly, decimals within
              a relative 1e-6, 1,000 / 1/2 / \\boxed{3} / $3$ read as numbers, option letters, normalised
-             strings), else 0
+             strings), else 0. On a paper benchmark (stage 1's --dataset mathvista, cvbench, ...) the
+             benchmark's official comparison instead (adapters/benchmarks.py: "(B)" against the gold option
+             text, a precision, CV-Bench's "(A)"): stages 5 and 6 pass it (score_completions' benchmark);
+             this stage's own command still uses answers_match (rollouts.jsonl does not record its split).
   r_task_i = r_acc_i + r_fmt_i
   r_cons_i = lambda_cons * P_CRM(consistent | premise = question + thinking_i,
                                              hypothesis = "The final answer is {answer_i}.")
@@ -85,10 +88,35 @@ def format_reward(text: str, weight: float = 1.0) -> float:
     return weight if answer.strip() and not outside.strip() else 0.0
 
 
-def accuracy_reward(text: str, truth: str) -> float:
-    """1.0 when the last <answer> matches the truth, else 0.0 (no answer never matches)."""
+def accuracy_reward(text: str, truth: str, benchmark: str | None = None, row: dict | None = None) -> float:
+    """1.0 when the last <answer> matches the truth, else 0.0 (no answer never matches). With a benchmark,
+    matched by that benchmark's official comparison against its row (answer, options, answer_type, ...).
+
+    Example: accuracy_reward("<answer>(A)</answer>", "blue") -> 0.0 (a letter is not the text "blue");
+             with benchmark="puzzlevqa", row={"answer": "blue", "options": ["blue", "red"], ...} -> 1.0.
+    """
     _, answer = stage1.parse_completion(text)
+    if benchmark is not None:
+        from adapters import benchmarks
+
+        return float(benchmarks.score(benchmark, answer, row))
     return float(stage1.answers_match(answer, truth))
+
+
+COMPARATOR_COLUMNS = ("answer", "options", "answer_type", "precision", "source")  # what benchmarks.score reads
+
+
+def run_benchmark(stage1_config: dict) -> str | None:
+    """The paper benchmark a run trains on (stage 1's --dataset names one), else None."""
+    from adapters import benchmarks
+
+    return stage1_config["dataset"] if stage1_config["dataset"] in benchmarks.BENCHMARKS else None
+
+
+def comparator_rows(data, indices: list[int], repeat: int = 1) -> list[dict]:
+    """The comparator's columns of data rows (no image decoded), each `repeat` times (once per completion)."""
+    columns = data.select_columns(list(COMPARATOR_COLUMNS))
+    return [columns[i] for i in indices for _ in range(repeat)]
 
 
 def consistency_rewards(crm, tokenizer, questions: list[str], texts: list[str], lambda_cons: float,
@@ -116,15 +144,22 @@ def consistency_rewards(crm, tokenizer, questions: list[str], texts: list[str], 
 
 
 def score_completions(texts: list[str], questions: list[str], truths: list[str], crm, crm_tokenizer,
-                      cfg: Config, embedded: bool) -> list[dict]:
-    """Every reward component for every completion (flat lists, one entry per completion); all finite."""
+                      cfg: Config, embedded: bool, benchmark: str | None = None,
+                      rows: list[dict] | None = None) -> list[dict]:
+    """Every reward component for every completion (flat lists, one entry per completion); all finite.
+    benchmark: score accuracy with that benchmark's comparator against rows (one per completion, as
+    comparator_rows gives them) instead of answers_match against truths."""
     if not math.isfinite(cfg.format_weight):
         raise ValueError(f"format_weight must be finite, got {cfg.format_weight}")
+    if benchmark is not None and (rows is None or len(rows) != len(texts)):
+        raise ValueError(f"benchmark {benchmark!r} needs one row per completion: {len(texts)} completions, "
+                         f"{'no' if rows is None else len(rows)} rows.")
+    rows = rows if benchmark is not None else [None] * len(texts)
     consistency = consistency_rewards(crm, crm_tokenizer, questions, texts, cfg.lambda_cons, cfg.device,
                                       cfg.crm_batch_size, cfg.crm_max_length)
     records = []
-    for text, truth, r_cons in zip(texts, truths, consistency):
-        r_fmt, r_acc = format_reward(text, cfg.format_weight), accuracy_reward(text, truth)
+    for text, truth, row, r_cons in zip(texts, truths, rows, consistency):
+        r_fmt, r_acc = format_reward(text, cfg.format_weight), accuracy_reward(text, truth, benchmark, row)
         think, answer = stage1.parse_completion(text)
         records.append({"format": r_fmt, "accuracy": r_acc, "task": r_acc + r_fmt, "consistency": r_cons,
                         # ground truth for analysis only (embedded tasks: the traces' template)

@@ -641,7 +641,10 @@ def main(cfg: Config) -> dict:
         # 3. rewards
         group_questions = [q for q in questions for _ in range(cfg.group_size)]
         truths = [str(train[i][columns["answer"]]) for i in rows for _ in range(cfg.group_size)]
-        scores = stage3.score_completions(texts, group_questions, truths, crm, crm_tokenizer, reward_cfg, embedded)
+        benchmark = stage3.run_benchmark(stage1_config)  # a paper benchmark: its comparator, as in stage 6
+        gold = stage3.comparator_rows(train, rows, cfg.group_size) if benchmark else None
+        scores = stage3.score_completions(texts, group_questions, truths, crm, crm_tokenizer, reward_cfg,
+                                          embedded, benchmark, gold)
         task = torch.tensor([s["task"] for s in scores], device=cfg.device)  # (N,)
         consistency = torch.tensor([s["consistency"] for s in scores], device=cfg.device)  # (N,)
         # 4. advantages (a group never crosses ranks: nothing to communicate)

@@ -3,7 +3,9 @@
 For each checkpoint, on the test split, K sampled completions per prompt (temperature T, the
 training temperature; --temperature 0 = one greedy completion):
 
-  accuracy          share of completions whose <answer> matches the truth
+  accuracy          share of completions whose <answer> matches the truth; on a paper benchmark
+                    (--benchmark, or a run trained on one) by its official comparison, and for
+                    CV-Bench its official score 1/2 x ((ADE20K + COCO) / 2 + Omni3D) (adapters/benchmarks.py)
   format rate       share that is exactly <think>...</think><answer>...</answer>
   IR (CRM)          inconsistency rate by the consistency reward model: P(consistent) < 0.5
                     (nothing to parse counts as inconsistent)
@@ -26,9 +28,14 @@ sample 800 completions (200 prompts x 4) per checkpoint, as many as 12.5 trainin
 over ranks, each rank would sample with its own random stream and the table would change with the number of GPUs.
 A checkpoint whose weights are not finite is named and skipped; the others are evaluated.
 
+--benchmark NAME evaluates every checkpoint on that benchmark's rows (the first --n of the split the
+paper reports, downloaded by `datasets`) instead of the run's test split; IR and CC/CW/IC/IW by the CRM.
+
 Reads:  runs/<run>/{data,crm,policy_sft}/, runs/<run>/<name>/{policy,metrics.jsonl} (stages 1 and 5).
-Writes: runs/<run>/eval.json, runs/<run>/eval.md, runs/<run>/curves.png.
+Writes: runs/<run>/eval.json, runs/<run>/eval.md, runs/<run>/curves.png
+        (--benchmark NAME: runs/<run>/eval_NAME.json and eval_NAME.md instead of eval.json and eval.md).
 Run:    python 06_eval.py                      # every checkpoint found under runs/default
+        python 06_eval.py --benchmark cvbench  # on CV-Bench (or mathvista, mathvision, puzzlevqa, ...)
         python 06_eval.py --reproduce          # the whole experiment, ~15 min on 2 CPU cores
 """
 import dataclasses
@@ -61,6 +68,8 @@ class Config:
     fast: str = "auto"  # sampler: on = static KV cache + compiled step, off = the simple loop, auto = on on CUDA
     prompts_per_batch: int = 50  # prompts per generation batch
     seed: int = 1234  # sampling seed, the same for every checkpoint
+    benchmark: str | None = None  # a paper benchmark to evaluate on instead of the test split (e.g. cvbench)
+    benchmark_split: str | None = None  # the benchmark's split; None = the one the paper reports
     # --reproduce
     reproduce: bool = False  # run stage 1, stage 5 for every method and seed, then evaluate all
     methods: str = "grpo,hras,sum"  # advantages to train with
@@ -83,6 +92,12 @@ def check_config(cfg: Config) -> dict[str, str]:
     if cfg.fast not in ("auto", "on", "off"):
         raise SystemExit(f"--fast {cfg.fast}: use auto, on or off.")
     stage1.compute_dtype(cfg.device, cfg.dtype)  # an unknown --dtype is refused there
+    if cfg.benchmark is not None:
+        from adapters import benchmarks
+
+        if cfg.benchmark not in benchmarks.BENCHMARKS:
+            raise SystemExit(f"--benchmark {cfg.benchmark}: unknown; use one of "
+                             f"{', '.join(benchmarks.BENCHMARKS)}.")
     if cfg.reproduce:
         unknown = [m for m in cfg.methods.split(",") if m not in ("grpo", "hras", "sum")]
         if unknown:
@@ -130,8 +145,10 @@ def eval_metrics(records: list[dict]) -> dict:
 
 
 @torch.no_grad()
-def evaluate(model, processor, test, columns: dict, crm, crm_tokenizer, cfg: Config, embedded: bool) -> dict:
-    """Sample, score and aggregate one checkpoint on the first cfg.n test prompts."""
+def evaluate(model, processor, test, columns: dict, crm, crm_tokenizer, cfg: Config, embedded: bool,
+             benchmark: str | None = None) -> dict:
+    """Sample, score and aggregate one checkpoint on the first cfg.n test prompts. benchmark: test holds its
+    rows (the comparator's columns too); accuracy is its official score, and "benchmark" its aggregate."""
     samples = cfg.samples if cfg.temperature > 0 else 1
     gen_cfg = stage2.Config(group_size=samples, prompts_per_batch=cfg.prompts_per_batch, max_new_tokens=cfg.max_new_tokens,
                             temperature=cfg.temperature, device=cfg.device, fast=cfg.fast)
@@ -143,10 +160,20 @@ def evaluate(model, processor, test, columns: dict, crm, crm_tokenizer, cfg: Con
     questions = [p["question"] for p in prompts for _ in p["completions"]]
     truths = [p["answer"] for p in prompts for _ in p["completions"]]
     reward_cfg = stage3.Config(lambda_cons=1.0, device=cfg.device)  # lambda 1: the consistency reward is P itself
-    scores = stage3.score_completions(texts, questions, truths, crm, crm_tokenizer, reward_cfg, embedded)
+    indices = [p["row"] for p in prompts for _ in p["completions"]]  # the test row of each completion
+    rows = stage3.comparator_rows(test, indices) if benchmark else None
+    scores = stage3.score_completions(texts, questions, truths, crm, crm_tokenizer, reward_cfg, embedded,
+                                      benchmark, rows)
     lengths = [c["length"] for p in prompts for c in p["completions"]]
     records = [{**s, "crm_prob": s["consistency"], "length": n} for s, n in zip(scores, lengths)]
-    return eval_metrics(records)
+    metrics = eval_metrics(records)
+    if benchmark:  # the number the benchmark reports (CV-Bench: not the plain mean over completions)
+        from adapters import benchmarks
+
+        official = benchmarks.aggregate(benchmark, [{"correct": s["accuracy"] > 0, "source": r["source"]}
+                                                    for s, r in zip(scores, rows)])
+        metrics |= {"accuracy": official["accuracy"], "benchmark": official}
+    return metrics
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -258,8 +285,17 @@ def main(cfg: Config) -> dict:
     if cfg.reproduce:
         reproduce(cfg)
     stage1_config = stage1.read_stage1(run_dir)["config"]
-    embedded = stage1_config["dataset"] is None
-    test = load_from_disk(str(stage1.require(run_dir / "data", "python 01_sft_rm.py")))[stage1_config["test_split"]]
+    embedded = stage1_config["dataset"] is None and cfg.benchmark is None  # the rule oracle: embedded only
+    benchmark = cfg.benchmark or stage3.run_benchmark(stage1_config)  # None: answers_match, as in training
+    if cfg.benchmark:  # its rows in our columns: image, question, answer + the comparator's
+        from adapters import benchmarks
+
+        test = benchmarks.load(cfg.benchmark, cfg.benchmark_split)
+        columns = {"image": "image", "question": "question", "answer": "answer"}
+    else:
+        data = load_from_disk(str(stage1.require(run_dir / "data", "python 01_sft_rm.py")))
+        test = data[stage1_config["test_split"]]
+        columns = stage2.data_columns(stage1_config)
     if not checkpoints:
         checkpoints = {"sft": str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))}
         checkpoints |= {p.parent.name: str(p) for p in sorted(run_dir.glob("*/policy"))}
@@ -275,8 +311,8 @@ def main(cfg: Config) -> dict:
             skipped[name] = f"{len(bad)} weight tensors hold NaN or inf, e.g. {bad[0]}"
             print(f"\nskipping {name} ({path}): {skipped[name]}")
             continue
-        per_checkpoint[name] = evaluate(stage1.unwrap(model).eval(), processor, test, stage2.data_columns(stage1_config), crm,
-                                        crm_tokenizer, cfg, embedded)
+        per_checkpoint[name] = evaluate(stage1.unwrap(model).eval(), processor, test, columns, crm, crm_tokenizer,
+                                        cfg, embedded, benchmark)
         del model
     if not per_checkpoint:
         raise SystemExit(f"no checkpoint to evaluate: every one was skipped ({skipped}).")
@@ -285,18 +321,25 @@ def main(cfg: Config) -> dict:
         grouped.setdefault(method_of(name), []).append(metrics)
     table = markdown_table(grouped)
     mode = f"{cfg.samples} samples at T={cfg.temperature}" if cfg.temperature > 0 else "greedy"
-    header = (f"Test split, first {min(cfg.n, len(test))} prompts, {mode}. Cells: % (mean ± standard error over "
-              f"training seeds); IR = inconsistency rate; CC/CW/IC/IW = consistent/inconsistent x correct/wrong "
-              f"({'oracle' if embedded else 'CRM'}).\n\n")
+    where = (f"{cfg.benchmark} (split {cfg.benchmark_split or benchmarks.BENCHMARKS[cfg.benchmark].split})"
+             if cfg.benchmark else "Test split")
+    header = (f"{where}, first {min(cfg.n, len(test))} prompts, {mode}. Cells: % (mean ± standard error "
+              f"over training seeds); IR = inconsistency rate; CC/CW/IC/IW = consistent/inconsistent x "
+              f"correct/wrong ({'oracle' if embedded else 'CRM'}).\n\n")
+    if benchmark == "cvbench":
+        complete = all(m["benchmark"]["complete"] for m in per_checkpoint.values())
+        missing = "" if complete else "; a source absent from these prompts: the mean of the parts present"
+        header += f"accuracy = CV-Bench's official score, 1/2 x ((ADE20K + COCO) / 2 + Omni3D){missing}.\n\n"
     header += "".join(f"Skipped {name}: {why}.\n\n" for name, why in skipped.items())
-    stage1.write_json_atomic(run_dir / "eval.json", {"config": dataclasses.asdict(cfg), "checkpoints": per_checkpoint,
-                                                     "skipped": skipped})
-    (run_dir / "eval.md").write_text(header + table + "\n")
+    out = f"eval_{cfg.benchmark}" if cfg.benchmark else "eval"  # a benchmark's table beside the test split's
+    stage1.write_json_atomic(run_dir / f"{out}.json", {"config": dataclasses.asdict(cfg),
+                                                       "checkpoints": per_checkpoint, "skipped": skipped})
+    (run_dir / f"{out}.md").write_text(header + table + "\n")
     panels = training_curves(run_dir)
     if any(panels.values()):
         plot_curves(panels, run_dir / "curves.png")
     print("\n" + header + table)
-    print(f"\nwrote {run_dir}/eval.json, eval.md, curves.png in {time.time() - started:.0f} s")
+    print(f"\nwrote {run_dir}/{out}.json, {out}.md, curves.png in {time.time() - started:.0f} s")
     return per_checkpoint
 
 
