@@ -1,6 +1,7 @@
 """Shared fixtures: one tiny stage-1 run (offline, ~20 s) that the stage 2-6 tests reuse."""
 import importlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -76,3 +77,20 @@ def tiny_qwen25(tiny_run, tmp_path_factory):
     Qwen2_5_VLProcessor(image_processor=base.image_processor, tokenizer=tok, video_processor=base.video_processor,
                         chat_template=base.chat_template).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module", params=["qwen2-vl", "qwen2.5-vl"])
+def policy(request, tiny_policy, tiny_qwen25):
+    """Each test that asks for `policy` runs twice: on the tiny Qwen2-VL and on the tiny Qwen2.5-VL."""
+    if request.param == "qwen2-vl":
+        return tiny_policy
+    model, processor = load_stage("01_sft_rm.py").load_policy(str(tiny_qwen25), "cpu")
+    return model.eval(), processor
+
+
+def copy_of_tiny_run(tiny_run, runs_dir: Path) -> Path:
+    """A copy of the tiny stage-1 run as runs_dir/tiny, so the runs a test makes touch no other test's folder."""
+    for name in ("data", "policy_sft", "crm"):
+        shutil.copytree(tiny_run["dir"] / name, runs_dir / "tiny" / name)
+    shutil.copy(tiny_run["dir"] / "stage1.json", runs_dir / "tiny" / "stage1.json")
+    return runs_dir / "tiny"

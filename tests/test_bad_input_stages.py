@@ -11,7 +11,7 @@ import torch
 from datasets import DatasetDict, load_from_disk
 from PIL import Image
 
-from conftest import load_stage
+from conftest import copy_of_tiny_run, load_stage
 
 stage1, stage2, stage5, stage6 = (load_stage(f) for f in ("01_sft_rm.py", "02_rollout.py", "05_grpo_train.py",
                                                             "06_eval.py"))
@@ -20,11 +20,7 @@ stage1, stage2, stage5, stage6 = (load_stage(f) for f in ("01_sft_rm.py", "02_ro
 @pytest.fixture(scope="module")
 def run_copy(tiny_run, tmp_path_factory):
     """A copy of the tiny stage-1 run, so the runs and files made here touch no other test's folder."""
-    runs_dir = tmp_path_factory.mktemp("bad_input_runs")
-    for name in ("data", "policy_sft", "crm"):
-        shutil.copytree(tiny_run["dir"] / name, runs_dir / "tiny" / name)
-    shutil.copy(tiny_run["dir"] / "stage1.json", runs_dir / "tiny" / "stage1.json")
-    return runs_dir / "tiny"
+    return copy_of_tiny_run(tiny_run, tmp_path_factory.mktemp("bad_input_runs"))
 
 
 # ----------------------------------------------------------------------------- flags, before anything is read

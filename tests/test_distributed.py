@@ -10,7 +10,6 @@ or batch samples it. Everything after the sampler (rewards, HRAS, the update, th
 This file is also the script torchrun runs on the two ranks (the bottom of the file); the tests launch it once.
 """
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import load_stage
+from conftest import copy_of_tiny_run, load_stage
 
 stage1, stage2, stage5, stage6 = (load_stage(f) for f in ("01_sft_rm.py", "02_rollout.py", "05_grpo_train.py",
                                                             "06_eval.py"))
@@ -73,9 +72,7 @@ def two_rank_runs(runs_dir: str) -> None:
 def runs(tiny_run, tmp_path_factory):
     """The two-rank runs (one torchrun launch) and their one-process twins, in a copy of the tiny stage-1 run."""
     runs_dir = tmp_path_factory.mktemp("dist_runs")
-    for name in ("data", "policy_sft", "crm"):
-        shutil.copytree(tiny_run["dir"] / name, runs_dir / "tiny" / name)
-    shutil.copy(tiny_run["dir"] / "stage1.json", runs_dir / "tiny" / "stage1.json")
+    copy_of_tiny_run(tiny_run, runs_dir)
     started = time.time()
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           __file__, str(runs_dir)], cwd=ROOT, capture_output=True, text=True, timeout=900,

@@ -17,14 +17,6 @@ stage2 = load_stage("02_rollout.py")
 stage1 = load_stage("01_sft_rm.py")
 
 
-@pytest.fixture(scope="module", params=["qwen2-vl", "qwen2.5-vl"])
-def policy(request, tiny_policy, tiny_qwen25):
-    if request.param == "qwen2-vl":
-        return tiny_policy
-    model, processor = stage1.load_policy(str(tiny_qwen25), "cpu")
-    return model.eval(), processor
-
-
 def both_samplers(model, prompt, args: tuple, seed: int, compile_mode=None, **kwargs):
     """(simple, fast) outputs for the same arguments, each with its own generator seeded alike."""
     simple = stage2.sample_completions(model, prompt, *args, generator=torch.Generator().manual_seed(seed),

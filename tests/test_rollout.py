@@ -1,5 +1,4 @@
 """Stage 2: our hand-written sampler against transformers (generate, a teacher-forced forward)."""
-import pytest
 import torch
 from PIL import Image
 
@@ -23,14 +22,6 @@ def first_stop_cut(row: list[int], stop_ids: list[int]) -> list[int]:
         if token in stop_ids:
             return row[: i + 1]
     return row
-
-
-@pytest.fixture(scope="module", params=["qwen2-vl", "qwen2.5-vl"])
-def policy(request, tiny_policy, tiny_qwen25):
-    if request.param == "qwen2-vl":
-        return tiny_policy
-    model, processor = stage1.load_policy(str(tiny_qwen25), "cpu")
-    return model.eval(), processor
 
 
 def test_greedy_equals_generate(policy):
