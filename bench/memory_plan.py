@@ -72,7 +72,6 @@ import functools
 import importlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
