@@ -561,7 +561,7 @@ def measure_step(config_name: str, lora_rank: int, micro_batch: int, completion_
         model = stage5.add_lora(cfg, model)
     stage1.unwrap(model).model.visual.requires_grad_(False)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        stage5.enable_checkpointing(model)
     params = stage5.trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=1e-5)
     result = {"weights": rss() - baseline, "prompt_len": prompt["input_ids"].shape[1]}

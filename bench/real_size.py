@@ -85,7 +85,7 @@ def run(setting: dict, device: str, steps: int, new_tokens: int, dtype_flag: str
     model, processor = memory_plan.random_model(setting["shape"], device, dtype if lora else torch.float32)
     model = stage5.add_lora(cfg, model) if lora else model
     stage1.unwrap(model).model.visual.requires_grad_(False).to(dtype)  # as stage 5 does with --freeze-vision-tower
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    stage5.enable_checkpointing(model)
     reference = None
     if cfg.kl_beta > 0 and not lora:
         reference = memory_plan.random_model(setting["shape"], device, dtype)[0].requires_grad_(False)
