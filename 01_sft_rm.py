@@ -362,10 +362,45 @@ def thinking_conclusion(think: str | None) -> str | None:
     return found[-1] if found else None
 
 
+BAR_STEP_RE = re.compile(r"\b([ABC])\s+(\d{1,3})\b")  # "A 4" in "Heights: A 4, B 1, C 6."
+COUNT_STEP_RE = re.compile(r"\b\d{1,3}\b")  # "1", "2", "3" in "I count the red shapes: 1, 2, 3."
+
+
+def steps_imply(think: str | None) -> str | None:
+    """What the thinking's steps (the text before its last 'answer is') imply on their own, or None when they
+    imply no single answer. The two embedded families:
+      bars   "Heights: A 4, B 1, C 6."        -> "C": the tallest listed bar (three distinct letters, one maximum)
+      count  "I count the red shapes: 1, 2, 3." -> "3": the count listed, which must run 1, 2, ..., k
+    Steps with a tie ("A 4, B 1, C 4"), a count that skips or repeats ("1, 2, 4"), or nothing listed imply
+    nothing, so no conclusion follows from them."""
+    head, found, _ = (think or "").rpartition("answer is")
+    if not found:
+        return None
+    bars = BAR_STEP_RE.findall(head)
+    if bars:
+        heights = {letter: int(h) for letter, h in bars}
+        tallest = max(heights.values())
+        winners = [letter for letter, h in heights.items() if h == tallest]
+        return winners[0] if len(bars) == 3 and len(heights) == 3 and len(winners) == 1 else None
+    listed = [int(n) for n in COUNT_STEP_RE.findall(head)]
+    return str(len(listed)) if listed and listed == list(range(1, len(listed) + 1)) else None
+
+
+def oracle_parts(think: str | None, answer: str | None) -> dict[str, bool]:
+    """The rule oracle (embedded tasks) reads the whole chain, in two links:
+      steps   the steps imply the conclusion (steps_imply(think) == thinking_conclusion(think));
+      answer  the <answer> equals the conclusion.
+    Example: "I count the red shapes: 1, 2, 3. So the answer is 5." + <answer>5</answer>
+             -> {"steps": False, "answer": True}: the answer follows the conclusion, not the count."""
+    conclusion, implied = thinking_conclusion(think), steps_imply(think)
+    return {"steps": conclusion is not None and implied is not None and answers_match(conclusion, implied),
+            "answer": conclusion is not None and answers_match(answer, conclusion)}
+
+
 def oracle_consistent(think: str | None, answer: str | None) -> bool:
-    """Rule oracle (embedded tasks): the answer equals what the thinking concluded."""
-    conclusion = thinking_conclusion(think)
-    return conclusion is not None and answers_match(answer, conclusion)
+    """Rule oracle (embedded tasks): consistent iff both links of the chain hold (oracle_parts)."""
+    parts = oracle_parts(think, answer)
+    return parts["steps"] and parts["answer"]
 
 
 # ----------------------------------------------------------------------------- embedded tasks
