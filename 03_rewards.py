@@ -11,17 +11,27 @@ For completion i of a prompt with true answer y:
              text, a precision, CV-Bench's "(A)"): stages 5 and 6 pass it (score_completions' benchmark);
              this stage's own command still uses answers_match (rollouts.jsonl does not record its split).
   r_task_i = r_acc_i + r_fmt_i
-  r_cons_i = lambda_cons * P_CRM(consistent | premise = question + thinking_i,
-                                             hypothesis = "The final answer is {answer_i}.")
-             and 0, without calling the CRM, when there is no <think> or no non-empty <answer>.
+  r_cons_i = lambda_cons * p_i,   p_i = P_CRM(consistent | premise = question + thinking_i,
+                                               hypothesis = "The final answer is {answer_i}.")
+             and p_i = 0, without calling the CRM, when there is no <think> or no non-empty <answer>.
 
-The rule oracle of stage 1 (does the answer equal what the thinking concluded?) is recorded next
-to the CRM's probability for embedded tasks. It is ground truth for evaluation and analysis only;
-it is never a training reward. Malformed output (missing, nested, repeated or unclosed tags, an
-empty answer, garbage) is data: it scores 0 where it should and never raises, and every step runs in time
-linear in the completion's length (no regex that backtracks). A long answer reaches the CRM cut to a
-bounded number of tokens (stage 1's encode_pairs), never an error. Every reward is finite or the stage
-stops with the completion named: a NaN reward would turn its whole group's advantages into NaN.
+lambda_cons only matters for stage 4's `sum` (r_task + r_cons, then one z-score). HRAS z-scores r_cons
+within its group, where a scale cancels: z(lambda p) = (p - mean p) / (std p + cons_eps / lambda), so any
+lambda > 0 gives the same advantages up to cons_eps (and lambda = 0 makes r_cons constant: z = 0).
+GRPO never reads r_cons. Each record keeps p itself as crm_prob, whatever lambda_cons is.
+
+What the CRM reads is cut, by tokens, never characters (stage 1's encode_pairs): a pair longer than
+crm_max_length tokens keeps the question and the *end* of the thinking (where the conclusion sits) and
+drops the thinking's middle, and the hypothesis, so the answer, keeps its first 64 tokens. A completion
+within those bounds reaches the CRM whole.
+
+The rule oracle of stage 1 is recorded next to the CRM's probability for embedded tasks, link by link:
+oracle_steps (the thinking's steps imply its conclusion), oracle_answer (the <answer> equals that
+conclusion) and oracle_consistent (both). It is ground truth for evaluation and analysis only; it is
+never a training reward. Malformed output (missing, nested, repeated or unclosed tags, an empty answer,
+garbage) is data: it scores 0 where it should and never raises, and every step runs in time linear in
+the completion's length (no regex that backtracks). Every reward is finite or the stage stops with the
+completion named: a NaN reward would turn its whole group's advantages into NaN.
 
 Reads:  runs/<run>/rollouts.jsonl (02_rollout.py), runs/<run>/crm/ (01_sft_rm.py).
 Writes: runs/<run>/rewards.jsonl, one row per prompt with one reward record per completion. An empty or
@@ -48,10 +58,10 @@ class Config:
     run: str = "default"  # run folder: runs/<run>/
     runs_dir: str = "runs"  # parent folder of all runs
     crm: str | None = None  # consistency reward model; None = runs/<run>/crm
-    lambda_cons: float = 1.0  # scale of the consistency reward: r_cons in [0, lambda_cons]
+    lambda_cons: float = 1.0  # r_cons = lambda*P; changes only --advantage sum (a z-score drops the scale)
     format_weight: float = 1.0  # reward for a well-formed completion
     crm_batch_size: int = 64  # pairs per CRM forward
-    crm_max_length: int | None = None  # tokens per CRM pair; None = what stage 1 trained it with
+    crm_max_length: int | None = None  # CRM tokens a pair (None: as trained); beyond: thinking's middle cut
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the CRM runs
     dtype: str = "auto"  # compute precision: auto = bf16 on CUDA, fp32 on CPU (01_sft_rm.compute_dtype)
 
@@ -64,8 +74,8 @@ def check_config(cfg: Config) -> None:
     if cfg.crm_batch_size < 1:
         raise SystemExit(f"--crm-batch-size {cfg.crm_batch_size}: must be at least 1.")
     if cfg.crm_max_length is not None and cfg.crm_max_length <= 64:  # the answer alone may take 64 tokens
-        raise SystemExit(f"--crm-max-length {cfg.crm_max_length}: must be above 64, or left unset (the length "
-                         f"stage 1 trained the CRM with).")
+        raise SystemExit(f"--crm-max-length {cfg.crm_max_length}: must be above 64, or left unset "
+                         f"(the length stage 1 trained the CRM with).")
 
 
 TAG_RE = re.compile(r"</?(?:think|answer)>")  # one of the four tags; nothing repeats, so a scan is linear
@@ -83,7 +93,8 @@ def format_reward(text: str, weight: float = 1.0) -> float:
     if [tag.group() for tag in tags] != stage1.REASONING_TAGS:
         return 0.0
     think_open, think_close, answer_open, answer_close = tags
-    outside = text[:think_open.start()] + text[think_close.end():answer_open.start()] + text[answer_close.end():]
+    outside = (text[:think_open.start()] + text[think_close.end():answer_open.start()]
+               + text[answer_close.end():])
     answer = text[answer_open.end():answer_close.start()]
     return weight if answer.strip() and not outside.strip() else 0.0
 
@@ -103,7 +114,8 @@ def accuracy_reward(text: str, truth: str, benchmark: str | None = None, row: di
     return float(stage1.answers_match(answer, truth))
 
 
-COMPARATOR_COLUMNS = ("answer", "options", "answer_type", "precision", "source")  # what benchmarks.score reads
+# what benchmarks.score reads
+COMPARATOR_COLUMNS = ("answer", "options", "answer_type", "precision", "source")
 
 
 def run_benchmark(stage1_config: dict) -> str | None:
@@ -119,51 +131,73 @@ def comparator_rows(data, indices: list[int], repeat: int = 1) -> list[dict]:
     return [columns[i] for i in indices for _ in range(repeat)]
 
 
-def consistency_rewards(crm, tokenizer, questions: list[str], texts: list[str], lambda_cons: float,
-                        device, batch_size: int = 64, max_length: int | None = None) -> list[float]:
-    """lambda_cons * P(consistent) per completion; 0 (no CRM call) when think or answer is missing.
+def crm_probabilities(crm, tokenizer, questions: list[str], texts: list[str], device, batch_size: int = 64,
+                      max_length: int | None = None) -> list[float]:
+    """P(consistent) per completion by the CRM; 0 (no CRM call) when think or answer is missing.
     A long thinking or answer is cut by tokens inside stage1.encode_pairs (never by characters here), to
     max_length tokens a pair, keeping the question and the thinking's end (None: what the CRM trained with).
     A non-finite probability (a CRM with NaN weights) is an error that names the completions."""
-    if not math.isfinite(lambda_cons):
-        raise ValueError(f"lambda_cons must be finite, got {lambda_cons}")
     parsed = [stage1.parse_completion(t) for t in texts]
     todo = [i for i, (think, answer) in enumerate(parsed) if think is not None and answer is not None]
     pairs = [{"question": questions[i], "thinking": parsed[i][0], "answer": parsed[i][1]} for i in todo]
-    rewards = [0.0] * len(texts)
+    probs = [0.0] * len(texts)
     by_length = {} if max_length is None else {"max_length": max_length}  # None: crm_scores' own default
-    probs = stage1.crm_scores(crm, tokenizer, pairs, device, batch_size, **by_length) if pairs else []
-    for i, p in zip(todo, probs):
-        rewards[i] = lambda_cons * p
-    bad = [i for i in todo if not math.isfinite(rewards[i])]
+    scored = stage1.crm_scores(crm, tokenizer, pairs, device, batch_size, **by_length) if pairs else []
+    for i, p in zip(todo, scored):
+        probs[i] = p
+    bad = [i for i in todo if not math.isfinite(probs[i])]
     if bad:
         raise ValueError(f"the CRM gave a non-finite P(consistent) for {len(bad)} completions (indices "
-                         f"{bad[:10]}): its weights are probably broken; retrain it with 01_sft_rm.py or pass "
-                         f"another --crm.")
-    return rewards
+                         f"{bad[:10]}): its weights are probably broken; retrain it with 01_sft_rm.py "
+                         f"or pass another --crm.")
+    return probs
+
+
+def consistency_rewards(crm, tokenizer, questions: list[str], texts: list[str], lambda_cons: float,
+                        device, batch_size: int = 64, max_length: int | None = None) -> list[float]:
+    """r_cons = lambda_cons * P(consistent) per completion (crm_probabilities); 0 when think or answer
+    is missing.
+
+    Example: lambda_cons 2 and P = [0.25, 0 (no <think>)] -> [0.5, 0.0].
+    """
+    if not math.isfinite(lambda_cons):
+        raise ValueError(f"lambda_cons must be finite, got {lambda_cons}")
+    probs = crm_probabilities(crm, tokenizer, questions, texts, device, batch_size, max_length)
+    return [lambda_cons * p for p in probs]
 
 
 def score_completions(texts: list[str], questions: list[str], truths: list[str], crm, crm_tokenizer,
                       cfg: Config, embedded: bool, benchmark: str | None = None,
                       rows: list[dict] | None = None) -> list[dict]:
-    """Every reward component for every completion (flat lists, one entry per completion); all finite.
+    """Every reward component for every completion (flat lists, one record per completion); all finite:
+      format, accuracy, task     the task reward and its parts
+      consistency                r_cons = lambda_cons * crm_prob (the reward stage 4 reads)
+      crm_prob                   P(consistent) by the CRM itself, whatever lambda_cons (0: nothing to parse)
+      oracle_steps               the thinking's steps imply its conclusion (the rule oracle, embedded
+                                 tasks only; None elsewhere, as the two below)
+      oracle_answer              the <answer> equals that conclusion
+      oracle_consistent          both links hold
     benchmark: score accuracy with that benchmark's comparator against rows (one per completion, as
     comparator_rows gives them) instead of answers_match against truths."""
-    if not math.isfinite(cfg.format_weight):
-        raise ValueError(f"format_weight must be finite, got {cfg.format_weight}")
+    for name, value in [("lambda_cons", cfg.lambda_cons), ("format_weight", cfg.format_weight)]:
+        if not math.isfinite(value):
+            raise ValueError(f"{name} must be finite, got {value}")
     if benchmark is not None and (rows is None or len(rows) != len(texts)):
         raise ValueError(f"benchmark {benchmark!r} needs one row per completion: {len(texts)} completions, "
                          f"{'no' if rows is None else len(rows)} rows.")
     rows = rows if benchmark is not None else [None] * len(texts)
-    consistency = consistency_rewards(crm, crm_tokenizer, questions, texts, cfg.lambda_cons, cfg.device,
-                                      cfg.crm_batch_size, cfg.crm_max_length)
+    probs = crm_probabilities(crm, crm_tokenizer, questions, texts, cfg.device, cfg.crm_batch_size,
+                              cfg.crm_max_length)
     records = []
-    for text, truth, row, r_cons in zip(texts, truths, rows, consistency):
+    for text, truth, row, p in zip(texts, truths, rows, probs):
         r_fmt, r_acc = format_reward(text, cfg.format_weight), accuracy_reward(text, truth, benchmark, row)
-        think, answer = stage1.parse_completion(text)
-        records.append({"format": r_fmt, "accuracy": r_acc, "task": r_acc + r_fmt, "consistency": r_cons,
-                        # ground truth for analysis only (embedded tasks: the traces' template)
-                        "oracle_consistent": stage1.oracle_consistent(think, answer) if embedded else None})
+        # ground truth for analysis only (embedded tasks: the traces' template)
+        links = stage1.oracle_parts(*stage1.parse_completion(text)) if embedded else None
+        records.append({"format": r_fmt, "accuracy": r_acc, "task": r_acc + r_fmt,
+                        "consistency": cfg.lambda_cons * p, "crm_prob": p,
+                        "oracle_steps": links["steps"] if links else None,
+                        "oracle_answer": links["answer"] if links else None,
+                        "oracle_consistent": links["steps"] and links["answer"] if links else None})
     return records
 
 
@@ -175,9 +209,10 @@ def check_rollouts(prompts: list[dict], path: Path) -> None:
     for number, p in enumerate(prompts, start=1):
         fields = isinstance(p, dict) and all(key in p for key in ("row", "question", "answer", "completions"))
         completions = p["completions"] if fields and isinstance(p["completions"], list) else []
-        if not completions or not all(isinstance(c, dict) and isinstance(c.get("text"), str) for c in completions):
-            raise SystemExit(f"{path}, prompt {number}: expected row, question, answer and a non-empty list of "
-                             f"completions, each with a text. {remake}")
+        texts_ok = all(isinstance(c, dict) and isinstance(c.get("text"), str) for c in completions)
+        if not (completions and texts_ok):
+            raise SystemExit(f"{path}, prompt {number}: expected row, question, answer and a non-empty list "
+                             f"of completions, each with a text. {remake}")
 
 
 def main(cfg: Config) -> list[dict]:
@@ -187,8 +222,8 @@ def main(cfg: Config) -> list[dict]:
     rollouts = stage1.require(run_dir / "rollouts.jsonl", "python 02_rollout.py")
     prompts = stage1.read_jsonl(rollouts)
     check_rollouts(prompts, rollouts)
-    crm, crm_tokenizer = stage1.load_crm(cfg.crm or str(stage1.require(run_dir / "crm", "python 01_sft_rm.py")),
-                                         cfg.device, stage1.compute_dtype(cfg.device, cfg.dtype))
+    crm_path = cfg.crm or str(stage1.require(run_dir / "crm", "python 01_sft_rm.py"))
+    crm, crm_tokenizer = stage1.load_crm(crm_path, cfg.device, stage1.compute_dtype(cfg.device, cfg.dtype))
     crm.eval()
     texts = [c["text"] for p in prompts for c in p["completions"]]
     questions = [p["question"] for p in prompts for _ in p["completions"]]
@@ -198,15 +233,19 @@ def main(cfg: Config) -> list[dict]:
     rows, start = [], 0
     for p in prompts:
         n = len(p["completions"])
-        rows.append({"row": p["row"], "question": p["question"], "answer": p["answer"], "rewards": scores[start: start + n]})
+        rows.append({"row": p["row"], "question": p["question"], "answer": p["answer"],
+                     "rewards": scores[start: start + n]})
         start += n
     stage1.write_jsonl_atomic(run_dir / "rewards.jsonl", rows)
 
-    print(f"\n{len(scores)} completions of {len(rows)} prompts; mean reward components:")
-    for key in ("format", "accuracy", "task", "consistency"):
-        print(f"  {key:<12} {sum(s[key] for s in scores) / len(scores):.3f}")
-    if embedded:
-        print(f"  oracle inconsistency rate {sum(not s['oracle_consistent'] for s in scores) / len(scores):.3f}")
+    n = len(scores)
+    print(f"\n{n} completions of {len(rows)} prompts; mean reward components:")
+    for key in ("format", "accuracy", "task", "consistency", "crm_prob"):
+        print(f"  {key:<12} {sum(s[key] for s in scores) / n:.3f}")
+    if embedded:  # the oracle's verdict, and which link of the chain failed (a completion may fail both)
+        print(f"  oracle inconsistency rate {sum(not s['oracle_consistent'] for s in scores) / n:.3f}: "
+              f"steps -> conclusion fails {sum(not s['oracle_steps'] for s in scores) / n:.3f}, "
+              f"conclusion -> answer fails {sum(not s['oracle_answer'] for s in scores) / n:.3f}")
     print(f"wrote {run_dir / 'rewards.jsonl'}")
     return rows
 

@@ -74,9 +74,36 @@ def test_score_completions_records_every_component(tiny_run):
     texts = ["<think>1, 2. So the answer is 2.</think><answer>3</answer>", "<answer>3</answer>"]
     scores = stage3.score_completions(texts, ["q", "q"], ["3", "3"], crm, tok, stage3.Config(device="cpu"), True)
     assert scores[0]["task"] == 2.0 and scores[0]["oracle_consistent"] is False  # right answer, thinking said 2
-    assert scores[1] == {"format": 0.0, "accuracy": 1.0, "task": 1.0, "consistency": 0.0, "oracle_consistent": False}
+    # steps "1, 2" list a count of 2 = the conclusion 2 (steps link holds); the answer 3 != 2 (answer link fails)
+    assert (scores[0]["oracle_steps"], scores[0]["oracle_answer"]) == (True, False)
+    # no <think>: no conclusion, so neither link holds; nothing for the CRM, so P = 0 and r_cons = 0
+    assert scores[1] == {"format": 0.0, "accuracy": 1.0, "task": 1.0, "consistency": 0.0, "crm_prob": 0.0,
+                         "oracle_steps": False, "oracle_answer": False, "oracle_consistent": False}
     real = stage3.score_completions(texts, ["q", "q"], ["3", "3"], crm, tok, stage3.Config(device="cpu"), False)
     assert real[0]["oracle_consistent"] is None  # no oracle for real data
+    assert real[0]["oracle_steps"] is None and real[0]["oracle_answer"] is None
+
+
+def test_score_completions_splits_the_oracle_and_keeps_the_crm_probability_at_every_lambda(tiny_run):
+    stage1 = load_stage("01_sft_rm.py")
+    crm, tok = stage1.load_crm(str(tiny_run["dir"] / "crm"), "cpu")
+    texts = ["<think>I count the red shapes: 1, 2, 3. So the answer is 5.</think><answer>5</answer>",
+             "<think>Heights: A 4, B 1, C 6. So the answer is C.</think><answer>B</answer>",
+             "<think>Heights: A 4, B 1, C 6. So the answer is C.</think><answer>C</answer>"]
+    questions = ["How many red shapes are there?"] + ["Which bar is the tallest: A, B or C?"] * 2
+    at = {lam: stage3.score_completions(texts, questions, ["3", "C", "C"], crm, tok,
+                                        stage3.Config(device="cpu", lambda_cons=lam), True) for lam in (0.0, 1.0, 2.0)}
+    # 1: steps count 3, conclusion 5 -> steps link fails; answer 5 = conclusion -> answer link holds
+    # 2: tallest of A 4, B 1, C 6 is C = conclusion -> steps link holds; answer B != C -> answer link fails
+    # 3: both hold
+    links = [(s["oracle_steps"], s["oracle_answer"], s["oracle_consistent"]) for s in at[1.0]]
+    assert links == [(False, True, False), (True, False, False), (True, True, True)]
+    probs = [s["crm_prob"] for s in at[1.0]]
+    assert all(0.0 < p < 1.0 for p in probs)  # the CRM was called on each (all three parse)
+    for lam, scores in at.items():
+        assert [s["crm_prob"] for s in scores] == pytest.approx(probs, abs=1e-6)  # P does not depend on lambda
+        # r_cons = lambda * P: at lambda 0 every r_cons is 0 while crm_prob still reads the CRM
+        assert [s["consistency"] for s in scores] == pytest.approx([lam * p for p in probs], abs=1e-6)
 
 
 def test_cli_reads_rollouts_and_writes_rewards(tiny_run):
