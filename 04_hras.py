@@ -12,6 +12,9 @@ Why HRAS: r_task is sparse (0/1/2) and r_cons continuous. Summed before normalis
 where every answer is right the continuous part alone sets the advantages at full scale, and in
 a mixed group a large lambda_cons swamps accuracy; normalising each reward in its own group
 first keeps both signals at unit scale and lets alpha, beta weigh them explicitly.
+So stage 3's lambda_cons (r_cons = lambda_cons * P) only matters for `sum`: under hras the z-score drops
+the scale, z(lambda P) = (P - mean P) / (std P + cons_eps / lambda), the same for every lambda > 0 up to
+cons_eps, and lambda = 0 makes r_cons constant (z = 0, HRAS = GRPO); grpo never reads r_cons.
 beta_t may follow a schedule over training (constant, linear warm-up, linear decay): the paper
 mentions warm-up and decay without shapes, so these shapes are our choice.
 
@@ -23,6 +26,11 @@ inference), yet the z-score scales that noise up to unit size, as large as the a
 cons_eps (the eps of z(r_cons) alone; default eps) damps it: with cons_eps = 0.05 a spread of 1e-6
 gives advantages of ~1e-5, while a group of 8 with one inconsistent member (std 0.354) keeps 88 %
 of its scale. The defaults keep eps (the measured table in the README); see there for 0.05.
+
+Two different "nothing to learn" counts (zero_variance_stats): groups whose task reward is constant
+(every answer right, or every one wrong: GRPO's advantages are all 0 there), and groups whose final
+advantages are all 0. Under hras the second stays near zero even when the first is large, because the
+CRM's probabilities differ (if only by float noise) and z(r_cons) is then not 0.
 
 Rewards must be finite: one NaN makes its whole group's advantages NaN, so a non-finite reward is an
 error that names its prompt row and completion, never a NaN written to disk.
@@ -144,7 +152,8 @@ def consistency_weight(step: int, total_steps: int, beta: float, schedule: str =
 
 
 def advantages(method: str, task: torch.Tensor, consistency: torch.Tensor, group_size: int,
-               alpha: float = 1.0, beta: float = 1.0, eps: float = 1e-6, cons_eps: float | None = None) -> torch.Tensor:
+               alpha: float = 1.0, beta: float = 1.0, eps: float = 1e-6,
+               cons_eps: float | None = None) -> torch.Tensor:
     """Dispatch on --advantage. (N,), (N,) -> (N,). A non-finite reward is a ValueError naming its index."""
     check_finite("task rewards", task)
     if method in ("sum", "hras"):
@@ -158,6 +167,21 @@ def advantages(method: str, task: torch.Tensor, consistency: torch.Tensor, group
     raise ValueError(f"unknown advantage {method!r}: use hras, grpo or sum")
 
 
+def zero_variance_stats(task: torch.Tensor, advantages: torch.Tensor, group_size: int) -> dict[str, float]:
+    """Shares of the groups with nothing to learn, in two senses. (N,), (N,) -> two floats in [0, 1]:
+      constant_task_groups   the task reward is the same for every rollout of the group
+      zero_advantage_groups  every final advantage of the group is exactly 0
+
+    Example (G = 2): task [1, 1 | 1, 0] with hras advantages [0.7, -0.7 | 1.4, -1.4] -> constant task 1/2
+             = 0.5, zero advantages 0/2 = 0.0 (z(r_cons) moves the first group); with grpo's advantages
+             [0, 0 | 0.7, -0.7] -> 0.5 and 0.5.
+    """
+    constant = (task.view(-1, group_size) == task.view(-1, group_size)[:, :1]).all(dim=1)  # (K,)
+    zero = (advantages.view(-1, group_size) == 0).all(dim=1)  # (K,)
+    return {"constant_task_groups": constant.float().mean().item(),
+            "zero_advantage_groups": zero.float().mean().item()}
+
+
 def check_rewards(prompts: list[dict], path: Path) -> int:
     """The group size G, or a stop before anything is written that names the file and the prompt: no prompts,
     a missing or non-numeric reward, groups of unequal size or of one."""
@@ -166,9 +190,10 @@ def check_rewards(prompts: list[dict], path: Path) -> int:
         raise SystemExit(f"{path} holds no prompts: nothing to normalise. {remake}")
     for number, p in enumerate(prompts, start=1):
         records = p.get("rewards") if isinstance(p, dict) else None
-        if not (isinstance(records, list) and records and "row" in p and all(
-                isinstance(r, dict) and all(type(r.get(key)) in (int, float) for key in ("task", "consistency"))
-                for r in records)):
+        numeric = isinstance(records, list) and all(
+            isinstance(r, dict) and all(type(r.get(key)) in (int, float) for key in ("task", "consistency"))
+            for r in records)
+        if not (numeric and records and "row" in p):
             raise SystemExit(f"{path}, prompt {number}: expected a row and a non-empty list of rewards, each "
                              f"with a numeric task and consistency. {remake}")
     sizes = {len(p["rewards"]) for p in prompts}
@@ -200,8 +225,10 @@ def main(cfg: Config) -> list[dict]:
         if bad:  # one NaN would make its whole group's advantages NaN
             raise SystemExit(f"{path}: {len(bad)} {name} rewards are NaN or infinite ({'; '.join(bad[:5])}). "
                              f"Nothing was written. Find what scored them (03_rewards.py) and rerun it.")
-    adv = advantages(cfg.advantage, task, consistency, group_size, cfg.alpha, cfg.beta, cfg.eps, cfg.cons_eps)  # (N,)
-    task_z, cons_z = group_zscore(task, group_size, cfg.eps), group_zscore(consistency, group_size, cfg.cons_eps)
+    adv = advantages(cfg.advantage, task, consistency, group_size, cfg.alpha, cfg.beta, cfg.eps,
+                     cfg.cons_eps)  # (N,)
+    task_z = group_zscore(task, group_size, cfg.eps)  # (N,)
+    cons_z = group_zscore(consistency, group_size, cfg.cons_eps)  # (N,)
 
     rows = []
     for k, p in enumerate(prompts):
@@ -211,9 +238,11 @@ def main(cfg: Config) -> list[dict]:
                      "consistency_z": [round(a, 6) for a in cons_z[span].tolist()]})
     stage1.write_jsonl_atomic(run_dir / "advantages.jsonl", rows)
 
-    zero_groups = sum(all(a == 0 for a in r["advantages"]) for r in rows)
+    groups = zero_variance_stats(task, adv, group_size)
     print(f"\n{cfg.advantage} advantages for {len(rows)} groups of {group_size}: mean {adv.mean():.4f}, "
-          f"std {adv.std():.4f}, min {adv.min():.3f}, max {adv.max():.3f}; {zero_groups} groups all zero")
+          f"std {adv.std():.4f}, min {adv.min():.3f}, max {adv.max():.3f}")
+    print(f"groups with a constant task reward {groups['constant_task_groups']:.3f}, "
+          f"with all advantages zero {groups['zero_advantage_groups']:.3f}")
     print(f"wrote {run_dir / 'advantages.jsonl'}")
     return rows
 

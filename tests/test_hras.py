@@ -94,3 +94,38 @@ def test_cons_eps_damps_noise_in_an_all_consistent_group():
     assert hras.hras_advantages(task8, cons8, 8, cons_eps=0.05)[0].item() == pytest.approx(-2.1682, abs=1e-4)
     # the task z-score keeps eps: [1, 0, 0, 0] gives 1.5 as before, whatever cons_eps
     assert hras.hras_advantages(T([1.0, 0, 0, 0]), torch.zeros(4), 4, cons_eps=0.05)[0].item() == pytest.approx(1.5, abs=1e-4)
+
+
+def test_zero_variance_stats_count_constant_task_groups_and_all_zero_advantages_apart():
+    # three groups of 4:
+    #   g0 every answer right, CRM probabilities differing in the 3rd decimal -> constant task, z(cons) = +-0.8645
+    #   g1 one right of four -> task not constant
+    #   g2 every answer wrong, CRM 0.5 everywhere -> constant task and constant consistency
+    task = T([1.0, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0])
+    cons = T([0.999, 0.998, 0.999, 0.998, 0.9, 0.1, 0.8, 0.2, 0.5, 0.5, 0.5, 0.5])
+    # grpo: g0 and g2 get z(task) = 0 exactly -> 2 of 3 groups constant, 2 of 3 all zero
+    grpo = hras.advantages("grpo", task, cons, 4)
+    assert hras.zero_variance_stats(task, grpo, 4) == pytest.approx(
+        {"constant_task_groups": 2 / 3, "zero_advantage_groups": 2 / 3})
+    # hras: g0 keeps z(cons) = +-0.8645 (noise scaled up), only g2 is all zero -> 2/3 constant, 1/3 all zero
+    adv = hras.advantages("hras", task, cons, 4)
+    assert hras.zero_variance_stats(task, adv, 4) == pytest.approx(
+        {"constant_task_groups": 2 / 3, "zero_advantage_groups": 1 / 3})
+    # sum: g0's summed reward [1.999, 1.998, ...] is not constant either -> the same as hras
+    summed = hras.advantages("sum", task, cons, 4)
+    assert hras.zero_variance_stats(task, summed, 4)["zero_advantage_groups"] == pytest.approx(1 / 3)
+
+
+def test_lambda_cons_changes_hras_only_through_cons_eps_and_sum_always():
+    # z(lambda * c) = (c - mean c) / (std c + cons_eps / lambda): with eps 1e-6 the scale is invisible
+    task, cons = T([1.0, 1, 0, 0]), T([0.9, 0.1, 0.8, 0.2])
+    base = hras.hras_advantages(task, cons, 4)
+    assert torch.allclose(hras.hras_advantages(task, 5.0 * cons, 4), base, atol=1e-4)  # [1.8458, -0.1138, ...]
+    assert torch.allclose(hras.hras_advantages(task, 0.0 * cons, 4), hras.grpo_advantages(task, 4))  # 0: off
+    # with cons_eps 0.05 lambda shows: std 0.40825; lambda 1 -> 0.4 / 0.45825 = 0.8729; lambda 5 -> 2 / 2.09125
+    # = 0.9564 (= 0.4 / (0.40825 + 0.01)); z(task) = 0.8660 either way
+    assert hras.hras_advantages(task, cons, 4, cons_eps=0.05)[0].item() == pytest.approx(0.8660 + 0.8729, abs=1e-3)
+    assert hras.hras_advantages(task, 5 * cons, 4, cons_eps=0.05)[0].item() == pytest.approx(0.8660 + 0.9564, abs=1e-3)
+    # sum: task + 5 cons = [5.5, 1.5, 4, 1], mean 3, deviations [2.5, -1.5, 1, -2], squares 13.5, var 4.5,
+    # std 2.1213 -> first z = 2.5 / 2.1213 = 1.1785 (lambda 1 gave 1.2728: under sum the scale changes the advantages)
+    assert hras.summed_advantages(task, 5 * cons, 4)[0].item() == pytest.approx(1.1785, abs=1e-4)
