@@ -8,8 +8,9 @@ things every later stage needs:
   1. data     a train/test split of image + question + verifiable answer. With no --dataset,
               synthetic visual reasoning tasks drawn with Pillow (two families, below), each
               with a templated trace <think>...So the answer is X.</think><answer>Y</answer>.
-              The thinking's conclusion X is machine-readable, so consistency has a ground
-              truth: the rule oracle says "consistent" iff Y == X.
+              The thinking's steps and its conclusion X are machine-readable, so consistency has a
+              ground truth: the rule oracle reads the whole chain, "consistent" iff the steps imply X
+              (the count they list, the tallest bar they list) and Y == X (oracle_parts).
   2. policy   a Qwen2-VL(-architecture) model, fine-tuned by teacher forcing on the traces
               (loss on completion tokens only):  L_sft = -mean_t log p(y_t | image, q, y_<t).
               A share --inconsistent-frac of the embedded traces is inconsistent on purpose,
@@ -22,8 +23,11 @@ things every later stage needs:
               in RL (stage 3) is r_cons = lambda_cons * P(consistent | q, t, a).
               Paper: ModernBERT-large trained on ~90K judged rollouts. Embedded default: a tiny
               ModernBERT trained on the oracle-labelled traces plus hard negatives (the answer
-              swapped for a wrong one) plus the SFT policy's own sampled rollouts, labelled by the
+              swapped for a wrong one; steps that disagree with their conclusion, whatever the answer)
+              plus the SFT policy's own sampled rollouts, labelled by the
               oracle (the paper's recipe: judged rollouts). Deviation: the oracle as the judge, not GPT-5.
+              Checked on held-out template pairs, on held-out pairs that differ in their steps only,
+              and on held-out rollouts of the SFT policy.
               Real data: --crm-data (judged rows), or the SFT policy's rollouts labelled here by an
               LLM judge (--judge MODEL or --judge-url URL --judge-model NAME; adapters/judge.py).
               On the embedded tasks a judge is measured against the oracle (its agreement).
@@ -974,8 +978,10 @@ def sft_policy(cfg: Config, model, processor, train) -> list[float]:
 @torch.no_grad()
 def greedy_check(cfg: Config, model, processor, test, n: int, embedded: bool, batch_size: int = 50) -> dict:
     """Greedy replies (transformers' generate) on test prompts: format rate, accuracy, and (embedded
-    tasks only: the rule oracle reads our templates) the inconsistency rate."""
-    n, stats = min(n, len(test)), {"format": 0, "correct": 0, "inconsistent": 0}
+    tasks only: the rule oracle reads our templates) the inconsistency rate over all n replies (one with nothing
+    to parse counts as inconsistent), and each link of the oracle's chain (oracle_parts) apart: the share of the
+    parsed replies whose steps do not imply their conclusion, and whose answer is not their conclusion."""
+    n, stats = min(n, len(test)), {"format": 0, "correct": 0, "inconsistent": 0, "steps_fail": 0, "answer_fail": 0}
     for start in tqdm(range(0, n, batch_size), desc="greedy check"):
         rows = list(range(start, min(n, start + batch_size)))
         prompt = to_device(encode_prompts(processor, [row_image(test, i, cfg.image_column) for i in rows],
@@ -988,8 +994,17 @@ def greedy_check(cfg: Config, model, processor, test, n: int, embedded: bool, ba
             stats["format"] += think is not None and answer is not None
             stats["correct"] += answers_match(answer, str(test[i][cfg.answer_column]))
             stats["inconsistent"] += not oracle_consistent(think, answer)
+            if think is not None and answer is not None:
+                links = oracle_parts(think, answer)
+                stats["steps_fail"] += not links["steps"]
+                stats["answer_fail"] += not links["answer"]
+    parsed = stats["format"]
+    links_known = embedded and parsed > 0
     return {"format_rate": stats["format"] / n, "accuracy": stats["correct"] / n,
-            "oracle_inconsistency_rate": stats["inconsistent"] / n if embedded else None, "n": n, "example": texts[0]}
+            "oracle_inconsistency_rate": stats["inconsistent"] / n if embedded else None,
+            "oracle_steps_fail_rate": stats["steps_fail"] / parsed if links_known else None,
+            "oracle_answer_fail_rate": stats["answer_fail"] / parsed if links_known else None,
+            "n": n, "example": texts[0]}
 
 
 # ----------------------------------------------------------------------------- CRM data and SFT
@@ -1007,24 +1022,79 @@ def with_conclusion(thinking: str, conclusion: str) -> str:
 
 
 def embedded_crm_pairs(split, seed: int) -> list[dict]:
-    """Oracle-labelled NLI pairs from the traces: consistent ones, and both kinds of inconsistent ones.
+    """Oracle-labelled NLI pairs from the traces, eight per task, labelled by the chain oracle (oracle_consistent):
 
-    From each task: (right thinking, true answer) -> 1; (wrong thinking, wrong answer) -> 1 (consistent
-    but wrong: the CRM judges agreement, not correctness); (right thinking, wrong answer) -> 0 (a hard
-    negative: the answer swapped); (wrong thinking, true answer) -> 0; and a thinking whose steps say one
-    thing and whose conclusion another, with either answer (the label follows the conclusion), so the
-    CRM cannot get by with reading the steps.
+      consistent (1)      (right thinking, true answer); (misread thinking, its answer) and a second misreading
+                          with its answer: consistent but wrong, since the CRM judges agreement, not correctness;
+      answer link (0)     (right thinking, wrong answer), (misread thinking, true answer): the answer swapped;
+      steps link (0)      a thinking whose steps say one thing and whose conclusion another, with the answer
+                          EQUAL to that conclusion: (right steps, wrong conclusion) and (misread steps, true
+                          conclusion). The old oracle read the conclusion only and called these consistent;
+      both links (0)      (right steps, wrong conclusion, true answer).
+
+    A "mixed" thinking (steps and conclusion disagree) is inconsistent whatever the answer, so the CRM must read
+    the steps, not only the conclusion. Three positives to five negatives: with the policy's rollouts (mostly
+    consistent) the classes stay near balanced.
+
+    Example (count, 3 red shapes, misread as 5): "I count the red shapes: 1, 2, 3. So the answer is 5." with
+    answer 5 -> 0 (the steps list 3); "I count the red shapes: 1, 2, 3, 4, 5. So the answer is 5." with 5 -> 1.
     """
     rng, pairs = random.Random(seed), []
     for row in split:
         right, _ = parse_completion(row["solution"])
-        mixed = with_conclusion(right, row["wrong_answer"])
-        for thinking, answer in [(right, row["answer"]), (row["wrong_thinking"], row["wrong_answer"]),
-                                 (right, row["wrong_answer"]), (row["wrong_thinking"], row["answer"]),
-                                 (mixed, row["wrong_answer"]), (mixed, row["answer"])]:
+        misread, truth, wrong = row["wrong_thinking"], row["answer"], row["wrong_answer"]
+        other, other_answer = another_misreading(row, rng)
+        for thinking, answer in [(right, truth), (misread, wrong), (other, other_answer),
+                                 (right, wrong), (misread, truth),
+                                 (with_conclusion(right, wrong), wrong), (with_conclusion(misread, truth), truth),
+                                 (with_conclusion(right, wrong), truth)]:
             pairs.append({"question": row["question"], "thinking": thinking, "answer": answer,
                           "label": int(oracle_consistent(thinking, answer))})
     rng.shuffle(pairs)
+    return pairs
+
+
+def another_misreading(row: dict, rng: random.Random) -> tuple[str, str]:
+    """A consistent thinking (steps and conclusion agree) that concludes neither the true nor the wrong answer
+    of an embedded task, and that conclusion: count -> another count 1-6, bars -> heights whose tallest is the
+    third bar.
+
+    Example: count, truth 3, wrong 5, k drawn from {1, 2, 4, 6}, say 2 -> ("I count the red shapes: 1, 2. So the
+             answer is 2.", "2").
+    """
+    if row["family"] == "count":
+        colour = row["question"].split()[2]  # "How many red shapes are there?"
+        k = rng.choice([k for k in range(1, 7) if str(k) not in (row["answer"], row["wrong_answer"])])
+        return count_thinking(colour, k), str(k)
+    third = next(letter for letter in "ABC" if letter not in (row["answer"], row["wrong_answer"]))
+    heights = rng.sample(range(1, 7), 3)
+    tallest = heights.index(max(heights))
+    heights[tallest], heights["ABC".index(third)] = heights["ABC".index(third)], heights[tallest]
+    return bars_thinking(heights), third
+
+
+def step_conclusion_pairs(split) -> list[dict]:
+    """The held-out test of whether the CRM reads the steps: two pairs per task, both with the answer equal to
+    the thinking's conclusion, so only the steps tell them apart:
+      (the consistent chain, true answer) -> 1;
+      a chain whose steps disagree with its conclusion -> 0: even rows keep the right steps and conclude the wrong
+      answer, odd rows keep the misread steps and conclude the true answer (the dangerous kind: right answer,
+      wrong reasoning).
+
+    Example (bars, heights A 4, B 1, C 6; misread as A 6, B 1, C 4): "Heights: A 4, B 1, C 6. So the answer is C."
+    + C -> 1; even row: "Heights: A 4, B 1, C 6. So the answer is A." + A -> 0; odd row: "Heights: A 6, B 1, C 4.
+    So the answer is C." + C -> 0.
+    """
+    pairs = []
+    for index, row in enumerate(split):
+        right, _ = parse_completion(row["solution"])
+        if index % 2 == 0:
+            negative, conclusion = with_conclusion(right, row["wrong_answer"]), row["wrong_answer"]
+        else:
+            negative, conclusion = with_conclusion(row["wrong_thinking"], row["answer"]), row["answer"]
+        for thinking, answer in [(right, row["answer"]), (negative, conclusion)]:
+            pairs.append({"question": row["question"], "thinking": thinking, "answer": answer,
+                          "family": row["family"], "label": int(oracle_consistent(thinking, answer))})
     return pairs
 
 
@@ -1232,6 +1302,37 @@ def classification_report(probs: list[float], labels: list[int]) -> dict:
     return {"accuracy": accuracy, "f1": 2 * tp / max(1, 2 * tp + fp + fn), "n": len(labels)}
 
 
+def step_pairs_report(probs: list[float], pairs: list[dict], train_pairs: list[dict]) -> dict:
+    """The CRM on the held-out step-conclusion pairs (step_conclusion_pairs): accuracy and F1, the accuracy on
+    each task family, and the share of these (question, thinking, answer) texts that also occur among the
+    training pairs (the embedded templates are few, so a held-out task's text often repeats a training one)."""
+    report = classification_report(probs, [p["label"] for p in pairs])
+    for family in ("count", "bars"):
+        in_family = [i for i, p in enumerate(pairs) if p["family"] == family]
+        family_report = classification_report([probs[i] for i in in_family], [pairs[i]["label"] for i in in_family])
+        report[f"accuracy_{family}"] = family_report["accuracy"] if in_family else None
+    seen = {(p["question"], p["thinking"], p["answer"]) for p in train_pairs}
+    in_training = sum((p["question"], p["thinking"], p["answer"]) in seen for p in pairs)
+    return {**report, "seen_in_training": in_training / max(1, len(pairs))}
+
+
+def rollouts_report(probs: list[float], rollouts: dict) -> dict:
+    """The CRM on the held-out SFT-policy rollouts (oracle labels), and why the inconsistent ones are so: how
+    many fail the steps link, the answer link, both (oracle_parts), and the share of those that fail the steps
+    link alone (the answer equals the conclusion) that the CRM flags (P(consistent) < 0.5); None when none."""
+    test = rollouts["test"]
+    report = classification_report(probs, [p["label"] for p in test])
+    links = [oracle_parts(p["thinking"], p["answer"]) for p in test]
+    steps_only = [prob for prob, link in zip(probs, links) if not link["steps"] and link["answer"]]
+    return {**report, "n_train": len(rollouts["train"]),
+            "consistent_share": sum(p["label"] for p in test) / max(1, len(test)),
+            "steps_link_fails": sum(not link["steps"] for link in links),
+            "answer_link_fails": sum(not link["answer"] for link in links),
+            "both_links_fail": sum(not link["steps"] and not link["answer"] for link in links),
+            "steps_only": len(steps_only),
+            "crm_catches_steps_only": sum(p < 0.5 for p in steps_only) / len(steps_only) if steps_only else None}
+
+
 # ----------------------------------------------------------------------------- main
 def field_comments(config_class) -> dict[str, str]:
     """Each field's one-line comment in the class's own source: {"sft_steps": "optimiser steps of policy SFT"}.
@@ -1325,6 +1426,7 @@ def main(cfg: Config) -> dict:
 
     # 3. the consistency reward model: its data (judged rollouts of the SFT policy), then SFT
     rollouts = {"train": [], "test": []}  # the SFT policy's own rollouts, oracle-labelled (embedded tasks)
+    step_pairs = []  # embedded: held-out pairs told apart by their steps only (step_conclusion_pairs)
     if crm_rows is not None:  # real runs: judged rollouts, 5 % held out
         train_pairs, test_pairs = held_out_split(crm_rows, cfg.seed)
     elif embedded:  # templates with hard negatives, plus the SFT policy's rollouts judged by the oracle
@@ -1334,6 +1436,7 @@ def main(cfg: Config) -> dict:
         train_pairs = embedded_crm_pairs(train, cfg.seed) + rollouts["train"]
         random.Random(cfg.seed).shuffle(train_pairs)
         test_pairs = embedded_crm_pairs(test, cfg.seed)
+        step_pairs = step_conclusion_pairs(test)  # does the CRM read the steps? (answer = conclusion in both)
     else:  # real runs without --crm-data: the rollouts the judge labels below
         with autocast(cfg.device, dtype):
             rollouts["train"] = policy_rollouts(cfg, model, processor, train, cfg.crm_rollout_prompts,
@@ -1360,20 +1463,26 @@ def main(cfg: Config) -> dict:
         test_probs = crm_scores(crm, crm_tokenizer, test_pairs, cfg.device, max_length=cfg.crm_max_length)
         rollout_probs = crm_scores(crm, crm_tokenizer, rollouts["test"], cfg.device,
                                    max_length=cfg.crm_max_length)
+        step_probs = crm_scores(crm, crm_tokenizer, step_pairs, cfg.device, max_length=cfg.crm_max_length)
     report = classification_report(test_probs, [p["label"] for p in test_pairs])
     summary["crm"] = {**report, "final_loss": crm_losses[-1] if crm_losses else None}
-    if embedded and not cfg.crm_data:  # the harder test: text the policy really writes
-        rollout_report = classification_report(rollout_probs, [p["label"] for p in rollouts["test"]])
-        summary["crm_on_policy_rollouts"] = {**rollout_report, "n_train": len(rollouts["train"]),
-                                             "consistent_share": sum(p["label"] for p in rollouts["test"]) / max(1, len(rollouts["test"]))}
+    if embedded and not cfg.crm_data:
+        summary["crm_on_step_pairs"] = step_pairs_report(step_probs, step_pairs, train_pairs)
+        # the harder test: text the policy really writes
+        summary["crm_on_policy_rollouts"] = rollouts_report(rollout_probs, rollouts)
     summary["seconds"] = round(time.time() - started, 1)
     write_json_atomic(new / "stage1.json", summary)
     replace_run(run_dir, new)  # only now does the new run replace the previous finished one
 
     check = summary["policy_check"]
     print(f"\npolicy after SFT (greedy, {check['n']} test prompts): format {check['format_rate']:.1%}, "
-          f"accuracy {check['accuracy']:.1%}" + (f", oracle inconsistency rate {check['oracle_inconsistency_rate']:.1%}"
-                                                 if embedded else ""))
+          f"accuracy {check['accuracy']:.1%}")
+    if embedded:
+        links = "n/a (nothing parsed)"
+        if check["oracle_steps_fail_rate"] is not None:
+            links = (f"steps {check['oracle_steps_fail_rate']:.1%}, answer {check['oracle_answer_fail_rate']:.1%} "
+                     f"of the parsed replies")
+        print(f"  oracle inconsistency rate {check['oracle_inconsistency_rate']:.1%}; links that fail: {links}")
     print(f"  e.g. {check['example']!r}")
     if "judge" in summary:
         j = summary["judge"]
@@ -1385,10 +1494,19 @@ def main(cfg: Config) -> dict:
             print(f"  agreement with the rule oracle: accuracy {a['accuracy']:.1%} on {a['n']} "
                   f"(tp {a['tp']}, fp {a['fp']}, fn {a['fn']}, tn {a['tn']}; positive = consistent)")
     print(f"CRM on {report['n']} held-out pairs: accuracy {report['accuracy']:.1%}, F1 {report['f1']:.3f}")
+    if "crm_on_step_pairs" in summary:
+        s = summary["crm_on_step_pairs"]
+        print(f"CRM on {s['n']} held-out step-conclusion pairs (answer = conclusion; half of them with steps "
+              f"that disagree): accuracy {s['accuracy']:.1%}, F1 {s['f1']:.3f} (count {s['accuracy_count']:.1%}, "
+              f"bars {s['accuracy_bars']:.1%}; {s['seen_in_training']:.0%} of these texts also occur in training)")
     if "crm_on_policy_rollouts" in summary:
         r = summary["crm_on_policy_rollouts"]
-        print(f"CRM on {r['n']} held-out SFT-policy rollouts (oracle labels, {r['consistent_share']:.0%} consistent): "
-              f"accuracy {r['accuracy']:.1%}, F1 {r['f1']:.3f}")
+        caught = "n/a" if r["crm_catches_steps_only"] is None else f"{r['crm_catches_steps_only']:.1%}"
+        print(f"CRM on {r['n']} held-out SFT-policy rollouts (oracle labels, {r['consistent_share']:.0%} "
+              f"consistent): accuracy {r['accuracy']:.1%}, F1 {r['f1']:.3f}")
+        print(f"  inconsistent by the oracle's links: steps {r['steps_link_fails']}, answer "
+              f"{r['answer_link_fails']} (both {r['both_links_fail']}); the CRM flags {caught} of the "
+              f"{r['steps_only']} whose steps alone fail")
     print(f"wrote {run_dir}/{{data,policy_sft,crm,stage1.json}} in {summary['seconds']:.0f} s")
     return summary
 

@@ -99,6 +99,12 @@ def test_sft_loss_falls_and_the_check_reports(tiny_run):
     assert summary["sft_loss"]["last_10pct"] < 0.5 * summary["sft_loss"]["first_10pct"]
     check = summary["policy_check"]
     assert check["n"] == 20 and 0.0 <= check["accuracy"] <= 1.0 and check["format_rate"] > 0.5
+    assert 0.0 <= check["oracle_steps_fail_rate"] <= 1.0 and 0.0 <= check["oracle_answer_fail_rate"] <= 1.0
+    steps = summary["crm_on_step_pairs"]  # 40 test tasks x 2 pairs (step_conclusion_pairs)
+    assert steps["n"] == 80 and 0.0 <= steps["accuracy"] <= 1.0 and 0.0 <= steps["seen_in_training"] <= 1.0
+    rollouts = summary["crm_on_policy_rollouts"]
+    assert rollouts["steps_link_fails"] + rollouts["answer_link_fails"] - rollouts["both_links_fail"] == round(
+        rollouts["n"] * (1 - rollouts["consistent_share"]))  # every inconsistent rollout fails a link
 
 
 def test_crm_beats_chance_on_a_short_run(stage1, tiny_run, tmp_path):
@@ -109,9 +115,12 @@ def test_crm_beats_chance_on_a_short_run(stage1, tiny_run, tmp_path):
     stage1.build_tiny_crm(tmp_path / "crm", 0, stage1.train_bpe(0))
     crm, tok = stage1.load_crm(str(tmp_path / "crm"), "cpu")
     stage1.train_crm(cfg, crm, tok, stage1.embedded_crm_pairs(data["train"], 0))
-    held_out = stage1.embedded_crm_pairs(data["test"], 0)  # 160 balanced pairs
+    held_out = stage1.embedded_crm_pairs(data["test"], 0)  # 40 tasks x 8 pairs, 3 of 8 consistent
     report = stage1.classification_report(stage1.crm_scores(crm, tok, held_out, "cpu"), [p["label"] for p in held_out])
-    assert report["accuracy"] > 0.65  # chance is 0.5
+    # The chain oracle labels the steps-vs-conclusion pairs 0, so 5 of every 8 pairs are inconsistent: always
+    # saying "inconsistent" scores accuracy 0.625 and F1 0 (it was 0.5 when the pairs were balanced, hence the
+    # old bound 0.65). Measured 0.744 and F1 0.568 (2026-11-26, 2 CPU cores).
+    assert report["accuracy"] > 0.68 and report["f1"] > 0.3
 
 
 # ----------------------------------------------------------------------------- bad input
