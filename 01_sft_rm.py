@@ -688,10 +688,15 @@ def build_tiny_policy(folder: Path, seed: int, bpe) -> None:
 
 
 def build_tiny_crm(folder: Path, seed: int, bpe) -> None:
-    """A 0.4M-parameter ModernBERT classifier (random init) with a [CLS] a [SEP] b [SEP] tokenizer."""
+    """A 0.4M-parameter ModernBERT classifier (random init) with a [CLS] a [SEP] b [SEP] tokenizer.
+
+    Its tokenizer is a copy of `bpe` with four special tokens and a pair template added: `bpe` itself, which the
+    policy's tokenizer is made from too, is left as it was."""
+    from tokenizers import Tokenizer
     from tokenizers.processors import TemplateProcessing
     from transformers import ModernBertConfig, ModernBertForSequenceClassification, PreTrainedTokenizerFast
 
+    bpe = Tokenizer.from_str(bpe.to_str())  # a copy: the special tokens and template below are the CRM's only
     bpe.add_special_tokens(["[CLS]", "[SEP]", "[PAD]", "[MASK]"])
     cls_id, sep_id = bpe.token_to_id("[CLS]"), bpe.token_to_id("[SEP]")
     bpe.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
