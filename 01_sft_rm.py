@@ -48,7 +48,7 @@ Writes: runs/<run>/data/ (datasets save_to_disk), runs/<run>/policy_sft/ and run
         runs/<run>/stage1.new/ first and replace the previous run only once complete (replace_run);
         a URL judge's replies are cached in runs/<run>/judge_cache.jsonl (a rerun asks only for the rest).
 
-Run:    python 01_sft_rm.py                              # embedded default, ~5 min on 2 CPU cores
+Run:    python 01_sft_rm.py                              # embedded default (its wall time: see the README)
         python 01_sft_rm.py --policy Qwen/Qwen2-VL-2B-Instruct --skip-policy-sft \\
             --dataset my_data.jsonl --crm answerdotai/ModernBERT-large --crm-data judged.jsonl
         python 01_sft_rm.py --policy Qwen/Qwen2-VL-2B-Instruct --skip-policy-sft --dataset my_data.jsonl \
