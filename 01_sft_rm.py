@@ -1,5 +1,16 @@
 """Stage 1: data, a cold-start policy (SFT) and the consistency reward model (CRM).
 
+Reading guide: the file reads top to bottom as the lesson. Config (every knob, one line each), then
+  1. parsing and the rule oracle   what "consistent" means: steps -> conclusion -> answer (oracle_parts)
+  2. precision, loading, log-probs one dtype rule; the policy and the CRM through the Auto classes;
+                                   log p(y_t | image, q, y_<t) of a completion
+  3. policy SFT                    fit (the supervised loop of both models), sft_policy, greedy_check
+  4. CRM data and training         oracle-labelled pairs, the policy's own rollouts, train_crm, crm_scores
+  5. main()                        the stage in order, with the numbers it prints
+Appendix A (the embedded toy world: drawing the tasks, the BPE, the tiny models) and Appendix B (atomic files,
+the command line, real datasets checked row by row, the CRM tried before SFT, the LLM judge's plumbing) hold
+what a run needs but the lesson does not: skip them on a first reading.
+
 CORA (arXiv 2606.14691) trains a vision-language policy with GRPO and adds a learned
 *consistency reward*: a frozen text classifier that reads the question and the policy's
 <think> text and says whether the <answer> follows from it. This stage makes the three
@@ -51,7 +62,7 @@ Writes: runs/<run>/data/ (datasets save_to_disk), runs/<run>/policy_sft/ and run
 Run:    python 01_sft_rm.py                              # embedded default (its wall time: see the README)
         python 01_sft_rm.py --policy Qwen/Qwen2-VL-2B-Instruct --skip-policy-sft \\
             --dataset my_data.jsonl --crm answerdotai/ModernBERT-large --crm-data judged.jsonl
-        python 01_sft_rm.py --policy Qwen/Qwen2-VL-2B-Instruct --skip-policy-sft --dataset my_data.jsonl \
+        python 01_sft_rm.py --policy Qwen/Qwen2-VL-2B-Instruct --skip-policy-sft --dataset my_data.jsonl \\
             --crm answerdotai/ModernBERT-large --judge-url http://localhost:8000/v1 --judge-model NAME
 """
 import argparse
@@ -75,6 +86,7 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 
+# ------------------------------- Config: every knob of the stage, one line each
 @dataclass
 class Config:
     run: str = "default"  # run folder name: everything goes to runs/<run>/
@@ -168,99 +180,7 @@ def check_config(cfg: Config) -> None:
                          "<think>...</think><answer>...</answer> texts), or --skip-policy-sft.")
 
 
-# ----------------------------------------------------------------------------- small helpers
-INSTRUCTION = " Think step by step inside <think></think>, then give the final answer inside <answer></answer>."
-SYSTEM_PROMPT = "You are a helpful assistant."
-VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + VISION_TOKENS  # Qwen's order
-REASONING_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
-CRM_LABELS = {0: "inconsistent", 1: "consistent"}
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON through a temporary file and a rename, so a killed run never leaves half a file."""
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-
-
-def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
-
-
-def save_folder_atomic(folder: Path, *objects) -> None:
-    """save_pretrained (or a datasets save_to_disk) of each object into folder.tmp, then one rename, so
-    a killed run never leaves a half-written model, processor or dataset under the final name."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for obj in objects:
-        obj.save_pretrained(tmp) if hasattr(obj, "save_pretrained") else obj.save_to_disk(str(tmp))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-
-
-# Stage 1's outputs under runs/<run>/. A run writes them all into runs/<run>/stage1.new/ and moves them in only
-# when it is complete (replace_run), so a rerun that fails, early or after an hour, leaves the earlier finished
-# run as it was. stage1.json, the marker of a finished stage 1, leaves first and arrives last.
-STAGE1_OUTPUTS = ["data", "policy_init", "crm_init", "policy_sft", "crm", "crm_data.jsonl"]
-
-
-def replace_run(run_dir: Path, new: Path) -> None:
-    """Move a complete stage 1 from `new` into run_dir: drop the old marker, swap every output (one absent from
-    `new` is removed, so nothing stale stays), then move the new stage1.json in. A kill in between leaves no
-    marker (later stages then ask for stage 1 again), never a marker beside another run's folders."""
-    (run_dir / "stage1.json").unlink(missing_ok=True)
-    for name in STAGE1_OUTPUTS:
-        old = run_dir / name
-        shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
-        if (new / name).exists():
-            (new / name).rename(old)
-    os.replace(new / "stage1.json", run_dir / "stage1.json")
-    shutil.rmtree(new)
-
-
-def read_jsonl(path: Path, drop_cut_last_line: bool = False) -> list[dict]:
-    """Rows of a JSONL file; a broken line is an error that names the file and the line.
-
-    drop_cut_last_line: a file this project appends to (metrics.jsonl) may end in a line cut short by a kill
-    or a full disk in mid-write: that last line is dropped with a warning instead (an append breaks no other).
-    """
-    lines = Path(path).read_text().splitlines()
-    while drop_cut_last_line and lines and not lines[-1].strip():
-        lines.pop()
-    if drop_cut_last_line and lines:
-        try:
-            json.loads(lines[-1])
-        except json.JSONDecodeError:
-            print(f"warning: {path}, line {len(lines)}: cut short ({lines[-1][:60]!r}...), dropped")
-            lines.pop()
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise SystemExit(f"{path}, line {number}: not valid JSON ({error}); fix or delete that line.")
-    return rows
-
-
-def read_stage1(run_dir: Path) -> dict:
-    """Stage 1's summary; its "config" names the data columns every later stage reads."""
-    return json.loads(require(run_dir / "stage1.json", f"python 01_sft_rm.py --run {run_dir.name}").read_text())
-
-
-def require(path: Path, made_by: str) -> Path:
-    """Fail with the command that creates `path` when an earlier stage has not been run."""
-    if not path.exists():
-        raise SystemExit(f"{path} does not exist: run `{made_by}` first.")
-    return path
-
-
-# ----------------------------------------------------------------------------- parsing and the rule oracle
+# ----------------------------------------------- 1. parsing and the rule oracle
 # Every pattern here runs in time linear in the text: a policy's output is untrusted, and a regex such as
 # <answer>(.*?)</answer> rescans the rest of the text from every unclosed tag (quadratic on "<answer>" x 8,000).
 # CONCLUSION_RE is linear: each try starts at "answer is" and stops at the next space.
@@ -407,315 +327,7 @@ def oracle_consistent(think: str | None, answer: str | None) -> bool:
     return parts["steps"] and parts["answer"]
 
 
-# ----------------------------------------------------------------------------- embedded tasks
-COLOURS = {"red": (220, 40, 40), "blue": (40, 90, 230), "green": (30, 160, 60)}
-
-
-def draw_count_task(rng: random.Random, size: int) -> tuple[Image.Image, str, int, int]:
-    """Shapes on a grid of cells (no overlaps). Returns (image, colour asked, true count, a wrong count)."""
-    colour, other = rng.sample(list(COLOURS), 2)
-    n_target, n_other = rng.randint(1, 6), rng.randint(0, 3)
-    cells_per_side = size // 14
-    cells = rng.sample(range(cells_per_side**2), n_target + n_other)
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    for i, cell in enumerate(cells):
-        x, y = 14 * (cell % cells_per_side) + 1, 14 * (cell // cells_per_side) + 1
-        fill = COLOURS[colour] if i < n_target else COLOURS[other]
-        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
-        shape([x, y, x + 11, y + 11], fill=fill)
-    wrong = rng.choice([k for k in range(1, 7) if k != n_target])
-    return image, colour, n_target, wrong
-
-
-def draw_bars_task(rng: random.Random, size: int) -> tuple[Image.Image, list[int], list[int]]:
-    """Three bars A, B, C (left to right). Returns (image, true heights, misread heights)."""
-    heights = rng.sample(range(1, 7), 3)
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    unit, width = (size - 8) // 6, size // 5
-    for i, h in enumerate(heights):
-        x = 6 + i * (width + size // 10)
-        draw.rectangle([x, size - 4 - h * unit, x + width, size - 4], fill=(60, 60, 60))
-    tallest, other = heights.index(max(heights)), rng.choice([i for i in range(3) if heights[i] != max(heights)])
-    misread = list(heights)
-    misread[tallest], misread[other] = misread[other], misread[tallest]  # a misreading that changes the winner
-    return image, heights, misread
-
-
-def count_thinking(colour: str, n: int) -> str:
-    return f"I count the {colour} shapes: {', '.join(str(i) for i in range(1, n + 1))}. So the answer is {n}."
-
-
-def bars_thinking(heights: list[int]) -> str:
-    listed = ", ".join(f"{'ABC'[i]} {h}" for i, h in enumerate(heights))
-    return f"Heights: {listed}. So the answer is {'ABC'[heights.index(max(heights))]}."
-
-
-def format_completion(thinking: str, answer: str) -> str:
-    return f"<think>{thinking}</think><answer>{answer}</answer>"
-
-
-def make_task(rng: random.Random, size: int, inconsistent_frac: float) -> dict:
-    """One embedded example: image, question, true answer, the consistent trace and the SFT trace.
-
-    With probability inconsistent_frac the SFT trace is inconsistent: half of those keep the right
-    thinking and state a wrong answer, the other half think wrong and still state the right answer.
-    """
-    if rng.random() < 0.5:
-        image, colour, n, wrong = draw_count_task(rng, size)
-        question, truth, wrong_answer = f"How many {colour} shapes are there?", str(n), str(wrong)
-        right_thinking, wrong_thinking = count_thinking(colour, n), count_thinking(colour, wrong)
-        family = "count"
-    else:
-        image, heights, misread = draw_bars_task(rng, size)
-        question = "Which bar is the tallest: A, B or C?"
-        truth, wrong_answer = "ABC"[heights.index(max(heights))], "ABC"[misread.index(max(misread))]
-        right_thinking, wrong_thinking, family = bars_thinking(heights), bars_thinking(misread), "bars"
-    kind = "consistent"
-    thinking, answer = right_thinking, truth
-    if rng.random() < inconsistent_frac:
-        kind = rng.choice(["right_thinking_wrong_answer", "wrong_thinking_right_answer"])
-        thinking, answer = (right_thinking, wrong_answer) if kind.startswith("right") else (wrong_thinking, truth)
-    return {
-        "image": image, "question": question, "answer": truth, "family": family,
-        "solution": format_completion(right_thinking, truth),  # the consistent, correct trace
-        "wrong_thinking": wrong_thinking,  # a plausible misreading (hard negatives for the CRM)
-        "wrong_answer": wrong_answer,
-        "sft_target": format_completion(thinking, answer),  # what SFT imitates
-        "sft_kind": kind,
-    }
-
-
-def build_embedded_dataset(cfg: Config):
-    """Deterministic by seed: the same cfg gives the same images, questions and traces."""
-    from datasets import Dataset, DatasetDict
-
-    rng = random.Random(cfg.seed)
-    train = [make_task(rng, cfg.image_size, cfg.inconsistent_frac) for _ in range(cfg.n_train)]
-    test = [make_task(rng, cfg.image_size, cfg.inconsistent_frac) for _ in range(cfg.n_test)]
-    return DatasetDict({"train": Dataset.from_list(train), "test": Dataset.from_list(test)})
-
-
-def dataset_columns(cfg: Config) -> list[str]:
-    """The columns every row of a real dataset needs."""
-    columns = [cfg.image_column, cfg.question_column, cfg.answer_column]
-    return columns + [cfg.target_column] * bool(cfg.target_column)
-
-
-def check_jsonl_dataset(cfg: Config, path: str) -> None:
-    """A JSONL --dataset read line by line first: a broken line, a row that is not an object or lacks a column,
-    or a file with no rows stops here with the file and the line named (datasets' own errors name neither)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise SystemExit(f"--dataset {path}: cannot read it as UTF-8 text ({error}).")
-    rows = 0
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise SystemExit(f"--dataset {path}, line {number}: not valid JSON ({error}).")
-        if not isinstance(row, dict):
-            raise SystemExit(f"--dataset {path}, line {number}: not a JSON object (one row per line).")
-        for column in dataset_columns(cfg):
-            if column not in row:
-                raise SystemExit(f"--dataset {path}, line {number}: no column '{column}'. Columns: "
-                                 f"{list(row)}. Name the right one with --image-column, --question-column, "
-                                 f"--answer-column or --target-column.")
-            if row[column] is None or (column == cfg.image_column and not isinstance(row[column], str)):
-                wanted = "an image path (relative to the file)" if column == cfg.image_column else "a value"
-                raise SystemExit(f"--dataset {path}, line {number}: column '{column}' holds {row[column]!r}; "
-                                 f"it must hold {wanted}.")
-        rows += 1
-    if rows == 0:
-        raise SystemExit(f"--dataset {path}: the file holds no rows (one JSON object per line).")
-
-
-def load_real_dataset(cfg: Config):
-    """--dataset as a load_from_disk folder, a JSONL file (image paths relative to it), a hub id, or a paper
-    benchmark's name (adapters/benchmarks.py: its evaluated split in our columns, 5 % held out to test)."""
-    from datasets import DatasetDict, Image as ImageFeature, load_dataset, load_from_disk
-
-    from adapters import benchmarks
-
-    source = cfg.dataset
-    try:
-        if Path(source).is_dir() and any((Path(source) / f).exists() for f in ("dataset_dict.json",
-                                                                               "dataset_info.json")):
-            data = load_from_disk(source)
-        elif source in benchmarks.BENCHMARKS:  # image, question, answer + the comparator's columns
-            data = benchmarks.load(source)
-        elif source.endswith((".jsonl", ".json")):
-            if not Path(source).is_file():
-                raise SystemExit(f"--dataset {source}: no such file.")
-            if source.endswith(".jsonl"):
-                check_jsonl_dataset(cfg, source)
-            data = load_dataset("json", data_files={cfg.train_split: source})
-        else:
-            data = load_dataset(source)
-    except SystemExit:
-        raise
-    except Exception as error:  # a hub id that does not exist, no network, a .json file that is not JSON
-        raise SystemExit(f"--dataset {source}: cannot load it ({error!r}). Pass a hub id, a save_to_disk "
-                         f"folder or a JSONL file.")
-    if not isinstance(data, DatasetDict):
-        data = DatasetDict({cfg.train_split: data})
-    for split in (cfg.train_split,) + (cfg.test_split,) * (cfg.test_split in data):
-        if split not in data:
-            raise SystemExit(f"--dataset {source}: no split '{split}' (splits: {list(data)}). "
-                             f"Name it with --train-split.")
-    for split, ds in data.items():
-        for column in dataset_columns(cfg):
-            if column not in ds.column_names:
-                raise SystemExit(f"--dataset {source} (split {split}): no column '{column}'. "
-                                 f"Columns: {ds.column_names}. Name the right one with --image-column, "
-                                 f"--question-column, --answer-column or --target-column.")
-        if source.endswith((".jsonl", ".json")) and ds.features[cfg.image_column].dtype == "string":
-            base = Path(source).resolve().parent
-            ds = ds.map(lambda row: {cfg.image_column: str(base / row[cfg.image_column])})
-            data[split] = ds.cast_column(cfg.image_column, ImageFeature(decode=False))
-    if cfg.test_split not in data:  # hold out 5 % when the source has no test split
-        if len(data[cfg.train_split]) < 2:
-            raise SystemExit(f"--dataset {source}: split '{cfg.train_split}' has "
-                             f"{len(data[cfg.train_split])} row(s) and there is no '{cfg.test_split}' split "
-                             f"to test on: give at least 2 rows.")
-        held = data[cfg.train_split].train_test_split(test_size=0.05, seed=cfg.seed)
-        data = DatasetDict({cfg.train_split: held["train"], cfg.test_split: held["test"]})
-    return data
-
-
-def check_dataset(cfg: Config, train, test, train_split: str, test_split: str) -> None:
-    """Every row of a real dataset read once, before any model loads: each image opens, each question, answer
-    (and SFT target) holds text; the train split has a batch for SFT. An error names split, row and column."""
-    if len(train) == 0 or len(test) == 0:
-        empty = train_split if len(train) == 0 else test_split
-        raise SystemExit(f"--dataset {cfg.dataset}: split '{empty}' is empty.")
-    if not cfg.skip_policy_sft and len(train) < cfg.sft_batch_size:
-        raise SystemExit(f"--sft-batch-size {cfg.sft_batch_size}: the train split has only {len(train)} rows; "
-                         f"pass at most {len(train)}.")
-    for split, ds in [(train_split, train), (test_split, test)]:
-        for column in dataset_columns(cfg)[1:]:
-            for index, value in enumerate(ds[column]):
-                if value is None or not str(value).strip():
-                    raise SystemExit(f"--dataset {cfg.dataset}, split '{split}', row {index}: column "
-                                     f"'{column}' is empty.")
-        for index in tqdm(range(len(ds)), desc=f"opening the {split} images"):
-            row_image(ds, index, cfg.image_column, split)
-
-
-def row_image(ds, index: int, column: str, split: str | None = None) -> Image.Image:
-    """The image of one row as RGB, or an error that names the split (when given), the row and the column."""
-    value = ds[index][column]
-    try:
-        if isinstance(value, dict):  # Image(decode=False): {"path", "bytes"}
-            import io
-            value = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
-        return value.convert("RGB")
-    except Exception as error:
-        where = f"split '{split}', " if split else ""
-        raise SystemExit(f"dataset {where}row {index}: cannot read the image in column '{column}' ({error}).")
-
-
-# ----------------------------------------------------------------------------- tokenizer and tiny models
-QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-              r"\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2VL_CHAT_TEMPLATE = (
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
-    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
-    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def tokenizer_corpus(seed: int) -> list[str]:
-    rng = random.Random(seed)
-    texts = [SYSTEM_PROMPT, INSTRUCTION, "system user assistant", "The final answer is"]
-    for _ in range(3000):
-        task = make_task(rng, 84, 0.0)
-        texts += [task["question"] + INSTRUCTION, task["solution"], task["wrong_thinking"], f"The final answer is {task['answer']}."]
-    return texts
-
-
-def train_bpe(seed: int, vocab_size: int = 400):
-    """Byte-level BPE with Qwen2's normaliser and pre-tokeniser, trained on the embedded texts."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(tokenizer_corpus(seed), trainer)
-    return bpe
-
-
-def build_tiny_policy(folder: Path, seed: int, bpe) -> None:
-    """A 1.3M-parameter Qwen2-VL (random init) + processor, saved like a hub checkpoint."""
-    from transformers import (Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
-                              Qwen2VLImageProcessorPil, Qwen2VLProcessor, Qwen2VLVideoProcessor)
-
-    model_json = json.loads(bpe.to_str())["model"]
-    tokenizer = Qwen2Tokenizer(vocab=model_json["vocab"], merges=[tuple(m) for m in model_json["merges"]], unk_token=None,
-                               eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left")
-    tokenizer.add_tokens(SPECIAL_TOKENS, special_tokens=True)
-    tokenizer.add_tokens(REASONING_TAGS)  # atomic, but not special: they survive skip_special_tokens
-    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112},
-                                               patch_size=14, temporal_patch_size=2, merge_size=2)
-    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                 video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN2VL_CHAT_TEMPLATE)
-    ids = tokenizer.convert_tokens_to_ids
-    config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1e6},
-                         initializer_range=0.02, bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>")),
-        vision_config=dict(depth=2, embed_dim=64, hidden_size=128, num_heads=4, mlp_ratio=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
-        tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
-    processor.save_pretrained(folder)
-
-
-def build_tiny_crm(folder: Path, seed: int, bpe) -> None:
-    """A 0.4M-parameter ModernBERT classifier (random init) with a [CLS] a [SEP] b [SEP] tokenizer.
-
-    Its tokenizer is a copy of `bpe` with four special tokens and a pair template added: `bpe` itself, which the
-    policy's tokenizer is made from too, is left as it was."""
-    from tokenizers import Tokenizer
-    from tokenizers.processors import TemplateProcessing
-    from transformers import ModernBertConfig, ModernBertForSequenceClassification, PreTrainedTokenizerFast
-
-    bpe = Tokenizer.from_str(bpe.to_str())  # a copy: the special tokens and template below are the CRM's only
-    bpe.add_special_tokens(["[CLS]", "[SEP]", "[PAD]", "[MASK]"])
-    cls_id, sep_id = bpe.token_to_id("[CLS]"), bpe.token_to_id("[SEP]")
-    bpe.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                                            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, cls_token="[CLS]", sep_token="[SEP]",
-                                        pad_token="[PAD]", mask_token="[MASK]", padding_side="right",
-                                        model_max_length=512)
-    config = ModernBertConfig(vocab_size=bpe.get_vocab_size(), hidden_size=128, intermediate_size=256,
-                              num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
-                              global_attn_every_n_layers=1, pad_token_id=bpe.token_to_id("[PAD]"),
-                              cls_token_id=cls_id, sep_token_id=sep_id, bos_token_id=cls_id, eos_token_id=sep_id,
-                              classifier_pooling="cls", num_labels=2, id2label=CRM_LABELS,
-                              label2id={v: k for k, v in CRM_LABELS.items()})
-    torch.manual_seed(seed)
-    ModernBertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-
-# ----------------------------------------------------------------------------- precision and loading
+# ------------------------------------------ 2. precision, loading and log-probs
 def compute_dtype(device: str, dtype: str = "auto") -> torch.dtype:
     """The one precision rule of every stage: the dtype models compute in.
 
@@ -770,6 +382,9 @@ def load_policy(name_or_path: str, device: str, max_pixels: int | None = None, d
     return model, processor
 
 
+CRM_LABELS = {0: "inconsistent", 1: "consistent"}
+
+
 def load_crm(name_or_path: str, device: str, dtype=torch.float32):
     """(classifier, tokenizer). A bare backbone gets a fresh 2-way head (consistent / inconsistent).
 
@@ -792,58 +407,14 @@ def load_crm(name_or_path: str, device: str, dtype=torch.float32):
     return model.to(device), tokenizer
 
 
-def squashed(text: str) -> str:
-    """Lower case without whitespace: how a decoded text is compared with the one encoded (tokenizers may
-    lower-case or re-space it)."""
-    return re.sub(r"\s+", "", text.lower())
-
-
-def check_crm(cfg: Config, crm_path: str) -> None:
-    """Everything the CRM needs, tried at the start of stage 1 (an hour of SFT must not end in a CRM error):
-    the classifier and its tokenizer load (load_crm: the pad token), --crm-max-length fits its positions, a
-    pair longer than that keeps its conclusion (the end of the thinking), and a padded batch of a short and a
-    long pair scores as each pair alone. The CRM loads again for training after SFT (the GPU is free then).
-    """
-    try:
-        crm, tokenizer = load_crm(crm_path, cfg.device)
-    except Exception as error:  # a wrong id, a folder without a tokenizer, an architecture with no classifier
-        raise SystemExit(f"--crm {crm_path}: cannot load it as a sequence classifier with its tokenizer "
-                         f"({error!r}).")
-    positions = getattr(crm.config.get_text_config(), "max_position_embeddings", None)
-    if positions and cfg.crm_max_length > positions:
-        raise SystemExit(f"--crm-max-length {cfg.crm_max_length}: {crm_path} reads at most {positions} "
-                         f"positions; pass at most {positions}.")
-    if not tokenizer.is_fast:
-        raise SystemExit(f"--crm {crm_path}: its tokenizer is not a fast (tokenizers) one; encode_pairs needs "
-                         f"the pair's sequence ids to cut a long thinking.")
-    conclusion = "So the answer is 7."
-    question = "How many red shapes are there?"
-    pairs = [{"question": question, "thinking": "1, 2. So the answer is 2.", "answer": "2"},
-             {"question": question,  # at least one token a word: past the limit
-              "thinking": " ".join(["step"] * cfg.crm_max_length) + " " + conclusion, "answer": "7"}]
-    try:
-        long_ids = encode_pairs(tokenizer, pairs[1:], "cpu", cfg.crm_max_length)["input_ids"][0]
-        together = crm_scores(crm, tokenizer, pairs, cfg.device, max_length=cfg.crm_max_length)
-        alone = [crm_scores(crm, tokenizer, [p], cfg.device, max_length=cfg.crm_max_length)[0] for p in pairs]
-    except ValueError as error:  # encode_pairs: a max length with no room for the premise
-        raise SystemExit(f"--crm-max-length {cfg.crm_max_length}: {error}")
-    if squashed(conclusion) not in squashed(tokenizer.decode(long_ids, skip_special_tokens=True)):
-        raise SystemExit(f"--crm {crm_path}: a thinking longer than --crm-max-length {cfg.crm_max_length} "
-                         f"loses its conclusion when cut: its tokenizer's pair encoding is not what "
-                         f"encode_pairs expects.")
-    if not all(math.isfinite(p) for p in together + alone) or max(
-            abs(a - b) for a, b in zip(together, alone)) > 1e-3:
-        raise SystemExit(f"--crm {crm_path}: P(consistent) {together} in a padded batch but {alone} one at a "
-                         f"time (pad id {tokenizer.pad_token_id}): the classifier does not read its pairs' "
-                         f"last real tokens, or its weights are not finite.")
-    del crm
-
-
 def stop_token_ids(processor) -> list[int]:
     """Every id that ends a reply (Qwen has several: <|im_end|> and <|endoftext|>)."""
     tok = processor.tokenizer
     ids = {tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} | {tok.eos_token_id}
     return sorted(i for i in ids if i is not None and i != tok.unk_token_id)
+
+
+INSTRUCTION = " Think step by step inside <think></think>, then give the final answer inside <answer></answer>."
 
 
 def encode_prompts(processor, images: list, questions: list[str]) -> dict:
@@ -853,6 +424,10 @@ def encode_prompts(processor, images: list, questions: list[str]) -> dict:
     texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
     batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
     return dict(batch)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def encode_completions(processor, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -927,10 +502,7 @@ def completion_logprobs(model, prompt: dict, completion_ids: torch.Tensor, compl
     return torch.cat(chunks, dim=1)  # (B, L)
 
 
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
+# -------------------------------------------------- 3. policy SFT and its check
 def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     """Linear warm-up to `peak`, then cosine decay to 10 % of it."""
     if step < warmup:
@@ -939,7 +511,6 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-# ----------------------------------------------------------------------------- policy SFT and its check
 def fit(model, batch_loss, steps: int, peak_lr: float, warmup: int, weight_decay: float, desc: str) -> list[float]:
     """The supervised loop of both models: AdamW, warm-up + cosine learning rate, gradients clipped at norm 1.
     batch_loss(step) draws that step's batch and returns its loss."""
@@ -1012,7 +583,7 @@ def greedy_check(cfg: Config, model, processor, test, n: int, embedded: bool, ba
             "n": n, "example": texts[0]}
 
 
-# ----------------------------------------------------------------------------- CRM data and SFT
+# ----------------------------------------------------- 4. CRM data and training
 def crm_hypothesis(answer: str) -> str:
     return f"The final answer is {answer}."
 
@@ -1131,73 +702,6 @@ def policy_rollouts(cfg: Config, model, processor, split, n_prompts: int, seed: 
 def oracle_labelled(rows: list[dict]) -> list[dict]:
     """Rows with "label" from the rule oracle (embedded tasks only: it reads our templates)."""
     return [{**r, "label": int(oracle_consistent(r["thinking"], r["answer"]))} for r in rows]
-
-
-def judge_rows(cfg: Config, rows: list[dict], run_dir: Path) -> tuple[list[dict], dict]:
-    """Rows labelled by the LLM judge of --judge (a local model on cfg.device) or --judge-url (an endpoint; its
-    replies cached in runs/<run>/judge_cache.jsonl, so a killed run asks only for the rest). Unparseable
-    verdicts are counted in the stats and dropped (adapters/judge.py)."""
-    from adapters import judge as judges
-
-    if cfg.judge_url:
-        judge = judges.UrlJudge(cfg.judge_url, cfg.judge_model, api_key_env=cfg.judge_api_key_env,
-                                cache_path=str(run_dir / "judge_cache.jsonl"))
-    else:
-        judge = judges.LocalJudge(cfg.judge, device=cfg.device, dtype=compute_dtype(cfg.device, cfg.dtype),
-                                  batch_size=cfg.judge_batch_size)
-    return judges.label_rows(judge, rows)
-
-
-def check_judge(cfg: Config, run_dir: Path) -> None:
-    """The judge tried before any SFT: a local judge's config and tokenizer load (the model itself loads after
-    SFT, when the GPU is free); an endpoint answers one request (a wrong URL, model name or key fails here)."""
-    if cfg.judge:
-        from transformers import AutoConfig, AutoTokenizer
-        try:
-            AutoConfig.from_pretrained(cfg.judge)
-            AutoTokenizer.from_pretrained(cfg.judge)
-        except Exception as error:
-            raise SystemExit(f"--judge {cfg.judge}: cannot load its config and tokenizer ({error!r}).")
-    elif cfg.judge_url:
-        from adapters import judge as judges
-        try:
-            judge = judges.UrlJudge(cfg.judge_url, cfg.judge_model, api_key_env=cfg.judge_api_key_env,
-                                    max_retries=2, cache_path=str(run_dir / "judge_cache.jsonl"))
-            row = {"question": "How many?", "thinking": "1, 2. So the answer is 2.", "answer": "2"}
-            judge.complete([judges.judge_prompt(row)])
-        except Exception as error:
-            raise SystemExit(f"--judge-url {cfg.judge_url} --judge-model {cfg.judge_model}: no usable reply "
-                             f"({error}). Check the URL, the model name and ${cfg.judge_api_key_env}.")
-
-
-def read_crm_jsonl(path: str) -> list[dict]:
-    """Real CRM data: one JSON object per line with question, thinking, answer and label (0/1 or a name)."""
-    if not Path(path).is_file():
-        raise SystemExit(f"--crm-data {path}: no such file.")
-    rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            label = row["label"]
-            label = {"inconsistent": 0, "consistent": 1}.get(label, label) if isinstance(label, str) else label
-            if label not in (0, 1, True, False):
-                raise ValueError(f"label {row['label']!r} is not 0/1/consistent/inconsistent")
-            rows.append({"question": str(row["question"]), "thinking": str(row["thinking"]),
-                         "answer": str(row["answer"]), "label": int(label)})
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-            raise SystemExit(f"{path}, line {number}: {error!r}. Each line must be a JSON object with "
-                             f"question, thinking, answer and label.")
-    return rows
-
-
-def check_crm_rows(rows: list[dict], source: str) -> None:
-    """CRM data must hold both labels and at least 2 rows (5 % of them, at least one, is held out to test)."""
-    consistent = sum(r["label"] for r in rows)
-    if len(rows) < 2 or consistent in (0, len(rows)):
-        raise SystemExit(f"{source}: {len(rows)} labelled rows, {consistent} of them consistent: the CRM "
-                         f"needs at least 2 rows and both labels (consistent, inconsistent) to learn from.")
 
 
 def held_out_split(pairs: list[dict], seed: int) -> tuple[list[dict], list[dict]]:
@@ -1338,45 +842,7 @@ def rollouts_report(probs: list[float], rollouts: dict) -> dict:
             "crm_catches_steps_only": sum(p < 0.5 for p in steps_only) / len(steps_only) if steps_only else None}
 
 
-# ----------------------------------------------------------------------------- main
-def field_comments(config_class) -> dict[str, str]:
-    """Each field's one-line comment in the class's own source: {"sft_steps": "optimiser steps of policy SFT"}.
-    Read with the tokenize module, so a "#" inside a default string is not taken for a comment."""
-    import inspect
-    import io
-    import tokenize
-
-    try:
-        source = inspect.getsource(config_class)
-    except (OSError, TypeError):  # a class with no source file (built at run time): no comments
-        return {}
-    comments, first_name = {}, {}
-    for token in tokenize.generate_tokens(io.StringIO(source).readline):
-        line = token.start[0]
-        if token.type == tokenize.NAME and line not in first_name:
-            first_name[line] = token.string
-        elif token.type == tokenize.COMMENT and line in first_name:
-            comments[first_name[line]] = token.string.lstrip("#").strip()
-    return comments
-
-
-def parse_config(config_class, description: str, argv=None):
-    """A flag per dataclass field (--sft-steps for sft_steps); booleans are switches. Used by every stage.
-    --help shows each field's one-line comment from the Config's source, and its default."""
-    comments = field_comments(config_class)
-    parser = argparse.ArgumentParser(description=description)
-    for field in dataclasses.fields(config_class):
-        flag = "--" + field.name.replace("_", "-")
-        text = comments.get(field.name, "").replace("%", "%%")  # argparse formats help with %
-        if field.type is bool:
-            parser.add_argument(flag, action="store_true", help=text)
-        else:
-            kinds = [t for t in typing.get_args(field.type) if t is not type(None)] or [field.type]  # int|None
-            parser.add_argument(flag, type={int: int, float: float}.get(kinds[0], str), default=field.default,
-                                help=f"{text} (default: %(default)s)")
-    return config_class(**vars(parser.parse_args(argv)))
-
-
+# -------------------------------------------------- 5. main: the stage in order
 def main(cfg: Config) -> dict:
     started = time.time()
     check_config(cfg)  # every flag, before anything is read, loaded or written
@@ -1516,5 +982,573 @@ def main(cfg: Config) -> dict:
     return summary
 
 
+# ============================================================================================================
+# Appendix A: the embedded toy world (skip on a first reading)
+# Two task families drawn with Pillow, a byte-level BPE trained on their texts, and the tiny random models that
+# stand in for Qwen2-VL and ModernBERT-large: the whole stage runs offline, on a CPU, in minutes.
+# ============================================================================================================
+
+
+# A.1 drawing the tasks
+COLOURS = {"red": (220, 40, 40), "blue": (40, 90, 230), "green": (30, 160, 60)}
+
+
+def draw_count_task(rng: random.Random, size: int) -> tuple[Image.Image, str, int, int]:
+    """Shapes on a grid of cells (no overlaps). Returns (image, colour asked, true count, a wrong count)."""
+    colour, other = rng.sample(list(COLOURS), 2)
+    n_target, n_other = rng.randint(1, 6), rng.randint(0, 3)
+    cells_per_side = size // 14
+    cells = rng.sample(range(cells_per_side**2), n_target + n_other)
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    for i, cell in enumerate(cells):
+        x, y = 14 * (cell % cells_per_side) + 1, 14 * (cell // cells_per_side) + 1
+        fill = COLOURS[colour] if i < n_target else COLOURS[other]
+        shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
+        shape([x, y, x + 11, y + 11], fill=fill)
+    wrong = rng.choice([k for k in range(1, 7) if k != n_target])
+    return image, colour, n_target, wrong
+
+
+def draw_bars_task(rng: random.Random, size: int) -> tuple[Image.Image, list[int], list[int]]:
+    """Three bars A, B, C (left to right). Returns (image, true heights, misread heights)."""
+    heights = rng.sample(range(1, 7), 3)
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    unit, width = (size - 8) // 6, size // 5
+    for i, h in enumerate(heights):
+        x = 6 + i * (width + size // 10)
+        draw.rectangle([x, size - 4 - h * unit, x + width, size - 4], fill=(60, 60, 60))
+    tallest, other = heights.index(max(heights)), rng.choice([i for i in range(3) if heights[i] != max(heights)])
+    misread = list(heights)
+    misread[tallest], misread[other] = misread[other], misread[tallest]  # a misreading that changes the winner
+    return image, heights, misread
+
+
+def count_thinking(colour: str, n: int) -> str:
+    return f"I count the {colour} shapes: {', '.join(str(i) for i in range(1, n + 1))}. So the answer is {n}."
+
+
+def bars_thinking(heights: list[int]) -> str:
+    listed = ", ".join(f"{'ABC'[i]} {h}" for i, h in enumerate(heights))
+    return f"Heights: {listed}. So the answer is {'ABC'[heights.index(max(heights))]}."
+
+
+def format_completion(thinking: str, answer: str) -> str:
+    return f"<think>{thinking}</think><answer>{answer}</answer>"
+
+
+def make_task(rng: random.Random, size: int, inconsistent_frac: float) -> dict:
+    """One embedded example: image, question, true answer, the consistent trace and the SFT trace.
+
+    With probability inconsistent_frac the SFT trace is inconsistent: half of those keep the right
+    thinking and state a wrong answer, the other half think wrong and still state the right answer.
+    """
+    if rng.random() < 0.5:
+        image, colour, n, wrong = draw_count_task(rng, size)
+        question, truth, wrong_answer = f"How many {colour} shapes are there?", str(n), str(wrong)
+        right_thinking, wrong_thinking = count_thinking(colour, n), count_thinking(colour, wrong)
+        family = "count"
+    else:
+        image, heights, misread = draw_bars_task(rng, size)
+        question = "Which bar is the tallest: A, B or C?"
+        truth, wrong_answer = "ABC"[heights.index(max(heights))], "ABC"[misread.index(max(misread))]
+        right_thinking, wrong_thinking, family = bars_thinking(heights), bars_thinking(misread), "bars"
+    kind = "consistent"
+    thinking, answer = right_thinking, truth
+    if rng.random() < inconsistent_frac:
+        kind = rng.choice(["right_thinking_wrong_answer", "wrong_thinking_right_answer"])
+        thinking, answer = (right_thinking, wrong_answer) if kind.startswith("right") else (wrong_thinking, truth)
+    return {
+        "image": image, "question": question, "answer": truth, "family": family,
+        "solution": format_completion(right_thinking, truth),  # the consistent, correct trace
+        "wrong_thinking": wrong_thinking,  # a plausible misreading (hard negatives for the CRM)
+        "wrong_answer": wrong_answer,
+        "sft_target": format_completion(thinking, answer),  # what SFT imitates
+        "sft_kind": kind,
+    }
+
+
+def build_embedded_dataset(cfg: Config):
+    """Deterministic by seed: the same cfg gives the same images, questions and traces."""
+    from datasets import Dataset, DatasetDict
+
+    rng = random.Random(cfg.seed)
+    train = [make_task(rng, cfg.image_size, cfg.inconsistent_frac) for _ in range(cfg.n_train)]
+    test = [make_task(rng, cfg.image_size, cfg.inconsistent_frac) for _ in range(cfg.n_test)]
+    return DatasetDict({"train": Dataset.from_list(train), "test": Dataset.from_list(test)})
+
+
+# A.2 a BPE and the tiny models
+SYSTEM_PROMPT = "You are a helpful assistant."
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + VISION_TOKENS  # Qwen's order
+REASONING_TAGS = ["<think>", "</think>", "<answer>", "</answer>"]
+
+
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+              r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def tokenizer_corpus(seed: int) -> list[str]:
+    rng = random.Random(seed)
+    texts = [SYSTEM_PROMPT, INSTRUCTION, "system user assistant", "The final answer is"]
+    for _ in range(3000):
+        task = make_task(rng, 84, 0.0)
+        texts += [task["question"] + INSTRUCTION, task["solution"], task["wrong_thinking"], f"The final answer is {task['answer']}."]
+    return texts
+
+
+def train_bpe(seed: int, vocab_size: int = 400):
+    """Byte-level BPE with Qwen2's normaliser and pre-tokeniser, trained on the embedded texts."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.normalizer = normalizers.NFC()
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(tokenizer_corpus(seed), trainer)
+    return bpe
+
+
+def build_tiny_policy(folder: Path, seed: int, bpe) -> None:
+    """A 1.3M-parameter Qwen2-VL (random init) + processor, saved like a hub checkpoint."""
+    from transformers import (Qwen2Tokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration,
+                              Qwen2VLImageProcessorPil, Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    model_json = json.loads(bpe.to_str())["model"]
+    tokenizer = Qwen2Tokenizer(vocab=model_json["vocab"], merges=[tuple(m) for m in model_json["merges"]], unk_token=None,
+                               eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left")
+    tokenizer.add_tokens(SPECIAL_TOKENS, special_tokens=True)
+    tokenizer.add_tokens(REASONING_TAGS)  # atomic, but not special: they survive skip_special_tokens
+    image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112},
+                                               patch_size=14, temporal_patch_size=2, merge_size=2)
+    processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                 video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN2VL_CHAT_TEMPLATE)
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                         rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1e6},
+                         initializer_range=0.02, bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>")),
+        vision_config=dict(depth=2, embed_dim=64, hidden_size=128, num_heads=4, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    Qwen2VLForConditionalGeneration(config).save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+
+def build_tiny_crm(folder: Path, seed: int, bpe) -> None:
+    """A 0.4M-parameter ModernBERT classifier (random init) with a [CLS] a [SEP] b [SEP] tokenizer.
+
+    Its tokenizer is a copy of `bpe` with four special tokens and a pair template added: `bpe` itself, which the
+    policy's tokenizer is made from too, is left as it was."""
+    from tokenizers import Tokenizer
+    from tokenizers.processors import TemplateProcessing
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification, PreTrainedTokenizerFast
+
+    bpe = Tokenizer.from_str(bpe.to_str())  # a copy: the special tokens and template below are the CRM's only
+    bpe.add_special_tokens(["[CLS]", "[SEP]", "[PAD]", "[MASK]"])
+    cls_id, sep_id = bpe.token_to_id("[CLS]"), bpe.token_to_id("[SEP]")
+    bpe.post_processor = TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                            special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, cls_token="[CLS]", sep_token="[SEP]",
+                                        pad_token="[PAD]", mask_token="[MASK]", padding_side="right",
+                                        model_max_length=512)
+    config = ModernBertConfig(vocab_size=bpe.get_vocab_size(), hidden_size=128, intermediate_size=256,
+                              num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
+                              global_attn_every_n_layers=1, pad_token_id=bpe.token_to_id("[PAD]"),
+                              cls_token_id=cls_id, sep_token_id=sep_id, bos_token_id=cls_id, eos_token_id=sep_id,
+                              classifier_pooling="cls", num_labels=2, id2label=CRM_LABELS,
+                              label2id={v: k for k, v in CRM_LABELS.items()})
+    torch.manual_seed(seed)
+    ModernBertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+# ============================================================================================================
+# Appendix B: small shared helpers (skip on a first reading)
+# Atomic files and the run folder, the command line, real datasets checked row by row, the CRM tried before any
+# SFT, and the LLM judge's plumbing: what keeps a real run safe, not what the stage teaches.
+# ============================================================================================================
+
+
+# B.1 files and runs
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON through a temporary file and a rename, so a killed run never leaves half a file."""
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+def save_folder_atomic(folder: Path, *objects) -> None:
+    """save_pretrained (or a datasets save_to_disk) of each object into folder.tmp, then one rename, so
+    a killed run never leaves a half-written model, processor or dataset under the final name."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for obj in objects:
+        obj.save_pretrained(tmp) if hasattr(obj, "save_pretrained") else obj.save_to_disk(str(tmp))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+# Stage 1's outputs under runs/<run>/. A run writes them all into runs/<run>/stage1.new/ and moves them in only
+# when it is complete (replace_run), so a rerun that fails, early or after an hour, leaves the earlier finished
+# run as it was. stage1.json, the marker of a finished stage 1, leaves first and arrives last.
+STAGE1_OUTPUTS = ["data", "policy_init", "crm_init", "policy_sft", "crm", "crm_data.jsonl"]
+
+
+def replace_run(run_dir: Path, new: Path) -> None:
+    """Move a complete stage 1 from `new` into run_dir: drop the old marker, swap every output (one absent from
+    `new` is removed, so nothing stale stays), then move the new stage1.json in. A kill in between leaves no
+    marker (later stages then ask for stage 1 again), never a marker beside another run's folders."""
+    (run_dir / "stage1.json").unlink(missing_ok=True)
+    for name in STAGE1_OUTPUTS:
+        old = run_dir / name
+        shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+        if (new / name).exists():
+            (new / name).rename(old)
+    os.replace(new / "stage1.json", run_dir / "stage1.json")
+    shutil.rmtree(new)
+
+
+def read_jsonl(path: Path, drop_cut_last_line: bool = False) -> list[dict]:
+    """Rows of a JSONL file; a broken line is an error that names the file and the line.
+
+    drop_cut_last_line: a file this project appends to (metrics.jsonl) may end in a line cut short by a kill
+    or a full disk in mid-write: that last line is dropped with a warning instead (an append breaks no other).
+    """
+    lines = Path(path).read_text().splitlines()
+    while drop_cut_last_line and lines and not lines[-1].strip():
+        lines.pop()
+    if drop_cut_last_line and lines:
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            print(f"warning: {path}, line {len(lines)}: cut short ({lines[-1][:60]!r}...), dropped")
+            lines.pop()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise SystemExit(f"{path}, line {number}: not valid JSON ({error}); fix or delete that line.")
+    return rows
+
+
+def read_stage1(run_dir: Path) -> dict:
+    """Stage 1's summary; its "config" names the data columns every later stage reads."""
+    return json.loads(require(run_dir / "stage1.json", f"python 01_sft_rm.py --run {run_dir.name}").read_text())
+
+
+def require(path: Path, made_by: str) -> Path:
+    """Fail with the command that creates `path` when an earlier stage has not been run."""
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist: run `{made_by}` first.")
+    return path
+
+
+# B.2 the command line: a flag per Config field, its comment as --help
+def field_comments(config_class) -> dict[str, str]:
+    """Each field's one-line comment in the class's own source: {"sft_steps": "optimiser steps of policy SFT"}.
+    Read with the tokenize module, so a "#" inside a default string is not taken for a comment."""
+    import inspect
+    import io
+    import tokenize
+
+    try:
+        source = inspect.getsource(config_class)
+    except (OSError, TypeError):  # a class with no source file (built at run time): no comments
+        return {}
+    comments, first_name = {}, {}
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        line = token.start[0]
+        if token.type == tokenize.NAME and line not in first_name:
+            first_name[line] = token.string
+        elif token.type == tokenize.COMMENT and line in first_name:
+            comments[first_name[line]] = token.string.lstrip("#").strip()
+    return comments
+
+
+def parse_config(config_class, description: str, argv=None):
+    """A flag per dataclass field (--sft-steps for sft_steps); booleans are switches. Used by every stage.
+    --help shows each field's one-line comment from the Config's source, and its default."""
+    comments = field_comments(config_class)
+    parser = argparse.ArgumentParser(description=description)
+    for field in dataclasses.fields(config_class):
+        flag = "--" + field.name.replace("_", "-")
+        text = comments.get(field.name, "").replace("%", "%%")  # argparse formats help with %
+        if field.type is bool:
+            parser.add_argument(flag, action="store_true", help=text)
+        else:
+            kinds = [t for t in typing.get_args(field.type) if t is not type(None)] or [field.type]  # int|None
+            parser.add_argument(flag, type={int: int, float: float}.get(kinds[0], str), default=field.default,
+                                help=f"{text} (default: %(default)s)")
+    return config_class(**vars(parser.parse_args(argv)))
+
+
+# B.3 real data: loaded and checked row by row before any model loads
+def dataset_columns(cfg: Config) -> list[str]:
+    """The columns every row of a real dataset needs."""
+    columns = [cfg.image_column, cfg.question_column, cfg.answer_column]
+    return columns + [cfg.target_column] * bool(cfg.target_column)
+
+
+def check_jsonl_dataset(cfg: Config, path: str) -> None:
+    """A JSONL --dataset read line by line first: a broken line, a row that is not an object or lacks a column,
+    or a file with no rows stops here with the file and the line named (datasets' own errors name neither)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise SystemExit(f"--dataset {path}: cannot read it as UTF-8 text ({error}).")
+    rows = 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise SystemExit(f"--dataset {path}, line {number}: not valid JSON ({error}).")
+        if not isinstance(row, dict):
+            raise SystemExit(f"--dataset {path}, line {number}: not a JSON object (one row per line).")
+        for column in dataset_columns(cfg):
+            if column not in row:
+                raise SystemExit(f"--dataset {path}, line {number}: no column '{column}'. Columns: "
+                                 f"{list(row)}. Name the right one with --image-column, --question-column, "
+                                 f"--answer-column or --target-column.")
+            if row[column] is None or (column == cfg.image_column and not isinstance(row[column], str)):
+                wanted = "an image path (relative to the file)" if column == cfg.image_column else "a value"
+                raise SystemExit(f"--dataset {path}, line {number}: column '{column}' holds {row[column]!r}; "
+                                 f"it must hold {wanted}.")
+        rows += 1
+    if rows == 0:
+        raise SystemExit(f"--dataset {path}: the file holds no rows (one JSON object per line).")
+
+
+def load_real_dataset(cfg: Config):
+    """--dataset as a load_from_disk folder, a JSONL file (image paths relative to it), a hub id, or a paper
+    benchmark's name (adapters/benchmarks.py: its evaluated split in our columns, 5 % held out to test)."""
+    from datasets import DatasetDict, Image as ImageFeature, load_dataset, load_from_disk
+
+    from adapters import benchmarks
+
+    source = cfg.dataset
+    try:
+        if Path(source).is_dir() and any((Path(source) / f).exists() for f in ("dataset_dict.json",
+                                                                               "dataset_info.json")):
+            data = load_from_disk(source)
+        elif source in benchmarks.BENCHMARKS:  # image, question, answer + the comparator's columns
+            data = benchmarks.load(source)
+        elif source.endswith((".jsonl", ".json")):
+            if not Path(source).is_file():
+                raise SystemExit(f"--dataset {source}: no such file.")
+            if source.endswith(".jsonl"):
+                check_jsonl_dataset(cfg, source)
+            data = load_dataset("json", data_files={cfg.train_split: source})
+        else:
+            data = load_dataset(source)
+    except SystemExit:
+        raise
+    except Exception as error:  # a hub id that does not exist, no network, a .json file that is not JSON
+        raise SystemExit(f"--dataset {source}: cannot load it ({error!r}). Pass a hub id, a save_to_disk "
+                         f"folder or a JSONL file.")
+    if not isinstance(data, DatasetDict):
+        data = DatasetDict({cfg.train_split: data})
+    for split in (cfg.train_split,) + (cfg.test_split,) * (cfg.test_split in data):
+        if split not in data:
+            raise SystemExit(f"--dataset {source}: no split '{split}' (splits: {list(data)}). "
+                             f"Name it with --train-split.")
+    for split, ds in data.items():
+        for column in dataset_columns(cfg):
+            if column not in ds.column_names:
+                raise SystemExit(f"--dataset {source} (split {split}): no column '{column}'. "
+                                 f"Columns: {ds.column_names}. Name the right one with --image-column, "
+                                 f"--question-column, --answer-column or --target-column.")
+        if source.endswith((".jsonl", ".json")) and ds.features[cfg.image_column].dtype == "string":
+            base = Path(source).resolve().parent
+            ds = ds.map(lambda row: {cfg.image_column: str(base / row[cfg.image_column])})
+            data[split] = ds.cast_column(cfg.image_column, ImageFeature(decode=False))
+    if cfg.test_split not in data:  # hold out 5 % when the source has no test split
+        if len(data[cfg.train_split]) < 2:
+            raise SystemExit(f"--dataset {source}: split '{cfg.train_split}' has "
+                             f"{len(data[cfg.train_split])} row(s) and there is no '{cfg.test_split}' split "
+                             f"to test on: give at least 2 rows.")
+        held = data[cfg.train_split].train_test_split(test_size=0.05, seed=cfg.seed)
+        data = DatasetDict({cfg.train_split: held["train"], cfg.test_split: held["test"]})
+    return data
+
+
+def check_dataset(cfg: Config, train, test, train_split: str, test_split: str) -> None:
+    """Every row of a real dataset read once, before any model loads: each image opens, each question, answer
+    (and SFT target) holds text; the train split has a batch for SFT. An error names split, row and column."""
+    if len(train) == 0 or len(test) == 0:
+        empty = train_split if len(train) == 0 else test_split
+        raise SystemExit(f"--dataset {cfg.dataset}: split '{empty}' is empty.")
+    if not cfg.skip_policy_sft and len(train) < cfg.sft_batch_size:
+        raise SystemExit(f"--sft-batch-size {cfg.sft_batch_size}: the train split has only {len(train)} rows; "
+                         f"pass at most {len(train)}.")
+    for split, ds in [(train_split, train), (test_split, test)]:
+        for column in dataset_columns(cfg)[1:]:
+            for index, value in enumerate(ds[column]):
+                if value is None or not str(value).strip():
+                    raise SystemExit(f"--dataset {cfg.dataset}, split '{split}', row {index}: column "
+                                     f"'{column}' is empty.")
+        for index in tqdm(range(len(ds)), desc=f"opening the {split} images"):
+            row_image(ds, index, cfg.image_column, split)
+
+
+def row_image(ds, index: int, column: str, split: str | None = None) -> Image.Image:
+    """The image of one row as RGB, or an error that names the split (when given), the row and the column."""
+    value = ds[index][column]
+    try:
+        if isinstance(value, dict):  # Image(decode=False): {"path", "bytes"}
+            import io
+            value = Image.open(io.BytesIO(value["bytes"]) if value.get("bytes") else value["path"])
+        return value.convert("RGB")
+    except Exception as error:
+        where = f"split '{split}', " if split else ""
+        raise SystemExit(f"dataset {where}row {index}: cannot read the image in column '{column}' ({error}).")
+
+
+# B.4 the CRM tried before any SFT; real CRM data and the LLM judge
+def squashed(text: str) -> str:
+    """Lower case without whitespace: how a decoded text is compared with the one encoded (tokenizers may
+    lower-case or re-space it)."""
+    return re.sub(r"\s+", "", text.lower())
+
+
+def check_crm(cfg: Config, crm_path: str) -> None:
+    """Everything the CRM needs, tried at the start of stage 1 (an hour of SFT must not end in a CRM error):
+    the classifier and its tokenizer load (load_crm: the pad token), --crm-max-length fits its positions, a
+    pair longer than that keeps its conclusion (the end of the thinking), and a padded batch of a short and a
+    long pair scores as each pair alone. The CRM loads again for training after SFT (the GPU is free then).
+    """
+    try:
+        crm, tokenizer = load_crm(crm_path, cfg.device)
+    except Exception as error:  # a wrong id, a folder without a tokenizer, an architecture with no classifier
+        raise SystemExit(f"--crm {crm_path}: cannot load it as a sequence classifier with its tokenizer "
+                         f"({error!r}).")
+    positions = getattr(crm.config.get_text_config(), "max_position_embeddings", None)
+    if positions and cfg.crm_max_length > positions:
+        raise SystemExit(f"--crm-max-length {cfg.crm_max_length}: {crm_path} reads at most {positions} "
+                         f"positions; pass at most {positions}.")
+    if not tokenizer.is_fast:
+        raise SystemExit(f"--crm {crm_path}: its tokenizer is not a fast (tokenizers) one; encode_pairs needs "
+                         f"the pair's sequence ids to cut a long thinking.")
+    conclusion = "So the answer is 7."
+    question = "How many red shapes are there?"
+    pairs = [{"question": question, "thinking": "1, 2. So the answer is 2.", "answer": "2"},
+             {"question": question,  # at least one token a word: past the limit
+              "thinking": " ".join(["step"] * cfg.crm_max_length) + " " + conclusion, "answer": "7"}]
+    try:
+        long_ids = encode_pairs(tokenizer, pairs[1:], "cpu", cfg.crm_max_length)["input_ids"][0]
+        together = crm_scores(crm, tokenizer, pairs, cfg.device, max_length=cfg.crm_max_length)
+        alone = [crm_scores(crm, tokenizer, [p], cfg.device, max_length=cfg.crm_max_length)[0] for p in pairs]
+    except ValueError as error:  # encode_pairs: a max length with no room for the premise
+        raise SystemExit(f"--crm-max-length {cfg.crm_max_length}: {error}")
+    if squashed(conclusion) not in squashed(tokenizer.decode(long_ids, skip_special_tokens=True)):
+        raise SystemExit(f"--crm {crm_path}: a thinking longer than --crm-max-length {cfg.crm_max_length} "
+                         f"loses its conclusion when cut: its tokenizer's pair encoding is not what "
+                         f"encode_pairs expects.")
+    if not all(math.isfinite(p) for p in together + alone) or max(
+            abs(a - b) for a, b in zip(together, alone)) > 1e-3:
+        raise SystemExit(f"--crm {crm_path}: P(consistent) {together} in a padded batch but {alone} one at a "
+                         f"time (pad id {tokenizer.pad_token_id}): the classifier does not read its pairs' "
+                         f"last real tokens, or its weights are not finite.")
+    del crm
+
+
+def read_crm_jsonl(path: str) -> list[dict]:
+    """Real CRM data: one JSON object per line with question, thinking, answer and label (0/1 or a name)."""
+    if not Path(path).is_file():
+        raise SystemExit(f"--crm-data {path}: no such file.")
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            label = row["label"]
+            label = {"inconsistent": 0, "consistent": 1}.get(label, label) if isinstance(label, str) else label
+            if label not in (0, 1, True, False):
+                raise ValueError(f"label {row['label']!r} is not 0/1/consistent/inconsistent")
+            rows.append({"question": str(row["question"]), "thinking": str(row["thinking"]),
+                         "answer": str(row["answer"]), "label": int(label)})
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+            raise SystemExit(f"{path}, line {number}: {error!r}. Each line must be a JSON object with "
+                             f"question, thinking, answer and label.")
+    return rows
+
+
+def check_crm_rows(rows: list[dict], source: str) -> None:
+    """CRM data must hold both labels and at least 2 rows (5 % of them, at least one, is held out to test)."""
+    consistent = sum(r["label"] for r in rows)
+    if len(rows) < 2 or consistent in (0, len(rows)):
+        raise SystemExit(f"{source}: {len(rows)} labelled rows, {consistent} of them consistent: the CRM "
+                         f"needs at least 2 rows and both labels (consistent, inconsistent) to learn from.")
+
+
+def judge_rows(cfg: Config, rows: list[dict], run_dir: Path) -> tuple[list[dict], dict]:
+    """Rows labelled by the LLM judge of --judge (a local model on cfg.device) or --judge-url (an endpoint; its
+    replies cached in runs/<run>/judge_cache.jsonl, so a killed run asks only for the rest). Unparseable
+    verdicts are counted in the stats and dropped (adapters/judge.py)."""
+    from adapters import judge as judges
+
+    if cfg.judge_url:
+        judge = judges.UrlJudge(cfg.judge_url, cfg.judge_model, api_key_env=cfg.judge_api_key_env,
+                                cache_path=str(run_dir / "judge_cache.jsonl"))
+    else:
+        judge = judges.LocalJudge(cfg.judge, device=cfg.device, dtype=compute_dtype(cfg.device, cfg.dtype),
+                                  batch_size=cfg.judge_batch_size)
+    return judges.label_rows(judge, rows)
+
+
+def check_judge(cfg: Config, run_dir: Path) -> None:
+    """The judge tried before any SFT: a local judge's config and tokenizer load (the model itself loads after
+    SFT, when the GPU is free); an endpoint answers one request (a wrong URL, model name or key fails here)."""
+    if cfg.judge:
+        from transformers import AutoConfig, AutoTokenizer
+        try:
+            AutoConfig.from_pretrained(cfg.judge)
+            AutoTokenizer.from_pretrained(cfg.judge)
+        except Exception as error:
+            raise SystemExit(f"--judge {cfg.judge}: cannot load its config and tokenizer ({error!r}).")
+    elif cfg.judge_url:
+        from adapters import judge as judges
+        try:
+            judge = judges.UrlJudge(cfg.judge_url, cfg.judge_model, api_key_env=cfg.judge_api_key_env,
+                                    max_retries=2, cache_path=str(run_dir / "judge_cache.jsonl"))
+            row = {"question": "How many?", "thinking": "1, 2. So the answer is 2.", "answer": "2"}
+            judge.complete([judges.judge_prompt(row)])
+        except Exception as error:
+            raise SystemExit(f"--judge-url {cfg.judge_url} --judge-model {cfg.judge_model}: no usable reply "
+                             f"({error}). Check the URL, the model name and ${cfg.judge_api_key_env}.")
+
+
+# The entry point stays last: every name above exists by the time main() runs (Python looks names up at call time).
 if __name__ == "__main__":
     main(parse_config(Config, __doc__.split("\n")[0]))
