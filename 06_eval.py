@@ -4,45 +4,61 @@ For each checkpoint, on the test split, K sampled completions per prompt (temper
 training temperature; --temperature 0 = one greedy completion):
 
   accuracy          share of completions whose <answer> matches the truth; on a paper benchmark
-                    (--benchmark, or a run trained on one) by its official comparison, and for
-                    CV-Bench its official score 1/2 x ((ADE20K + COCO) / 2 + Omni3D) (adapters/benchmarks.py)
+                    (--benchmark, or a run trained on one) by its official comparison, and for CV-Bench
+                    its official score 1/2 x ((ADE20K + COCO) / 2 + Omni3D) (adapters/benchmarks.py)
   format rate       share that is exactly <think>...</think><answer>...</answer>
   IR (CRM)          inconsistency rate by the consistency reward model: P(consistent) < 0.5
                     (nothing to parse counts as inconsistent)
-  IR (oracle)       inconsistency rate by the rule oracle (embedded tasks): answer != what the
-                    thinking concluded
+  IR (oracle)       inconsistency rate by the rule oracle (embedded tasks): a link of the chain fails
+  IR steps          share whose steps do not imply the thinking's conclusion (oracle; ir_steps)
+  IR answer         share whose <answer> is not that conclusion (oracle; ir_answer). A completion may
+                    fail both links, so IR (oracle) <= IR steps + IR answer.
   CC CW IC IW       consistent/inconsistent x correct/wrong shares (oracle when there is one, else CRM)
   length            mean completion length in tokens
 
 Why sampled, not greedy, by default: on the embedded tasks the SFT policy's greedy replies are
-almost always consistent (the mode of a 75/25 mixture is the consistent trace), while its samples
-are inconsistent ~30 % of the time. RL trains on samples, and the sampled IR is what GRPO changes.
+almost always consistent (the mode of a mixture in which stage 1's --inconsistent-frac of the traces
+are inconsistent), while its samples often are not. RL trains on samples, and the sampled IR is what
+GRPO changes.
+
+The examples page (examples.md, images in examples/): a few test prompts (--examples), each with its
+image, question and true answer, and one completion of every checkpoint marked with its kind
+(CC/CW/IC/IW), the oracle's verdict link by link and the CRM's; the prompts and completions are picked
+from the ones just sampled so that every kind that occurs appears on the page.
 
 --reproduce runs the whole embedded experiment in one command: stage 1 once, then stage 5 with
 --advantage grpo, hras and sum from the same SFT checkpoint with the same seeds, prompts and budget
 (resumable: finished runs are kept, killed ones resume), then this evaluation on all of them, and
-prints one table (mean +- standard error over seeds).
+prints one table (mean +- standard error over seeds). --jobs N trains N of those runs at once, each
+in its own `python 05_grpo_train.py` process with cpu_count // N torch threads (its output in
+runs/<run>/<name>/stdout.log): on a CPU, small models use cores badly, so two 1-thread runs side by
+side finish sooner than one 2-thread run after the other. auto = 2 on a CPU with 2 cores or more, 1 on
+CUDA (one GPU, which processes would share).
 
-One process, also after a torchrun training: the checkpoints are whole Hugging Face folders, and the defaults
-sample 800 completions (200 prompts x 4) per checkpoint, as many as 12.5 training steps of 8 prompts x 8. Split
-over ranks, each rank would sample with its own random stream and the table would change with the number of GPUs.
-A checkpoint whose weights are not finite is named and skipped; the others are evaluated.
+One process, also after a torchrun training: the checkpoints are whole Hugging Face folders, and the
+defaults sample 800 completions (200 prompts x 4) per checkpoint, as many as 12.5 training steps of
+8 prompts x 8. Split over ranks, each rank would sample with its own random stream and the table would
+change with the number of GPUs. A checkpoint whose weights are not finite is named and skipped; the
+others are evaluated.
 
 --benchmark NAME evaluates every checkpoint on that benchmark's rows (the first --n of the split the
 paper reports, downloaded by `datasets`) instead of the run's test split; IR and CC/CW/IC/IW by the CRM.
 
 Reads:  runs/<run>/{data,crm,policy_sft}/, runs/<run>/<name>/{policy,metrics.jsonl} (stages 1 and 5).
-Writes: runs/<run>/eval.json, runs/<run>/eval.md, runs/<run>/curves.png
-        (--benchmark NAME: runs/<run>/eval_NAME.json and eval_NAME.md instead of eval.json and eval.md).
+Writes: runs/<run>/eval.json, eval.md, curves.png, examples.md and examples/<row>.png
+        (--benchmark NAME: eval_NAME.json, eval_NAME.md, examples_NAME.md, examples_NAME/ instead).
 Run:    python 06_eval.py                      # every checkpoint found under runs/default
         python 06_eval.py --benchmark cvbench  # on CV-Bench (or mathvista, mathvision, puzzlevqa, ...)
-        python 06_eval.py --reproduce          # the whole experiment, ~15 min on 2 CPU cores
+        python 06_eval.py --reproduce          # the whole experiment (the README says how long it takes)
 """
 import dataclasses
 import importlib
 import math
 import os
+import subprocess
+import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,7 +69,8 @@ from tqdm import tqdm
 
 # Earlier stages, by file name: "01_sft_rm" cannot follow `import`, but import_module takes it (the
 # stages' folder is on sys.path when one runs as a script). Imports flow forward only.
-stage1, stage2, stage3, stage5 = map(importlib.import_module, ["01_sft_rm", "02_rollout", "03_rewards", "05_grpo_train"])
+stage1, stage2, stage3, stage5 = map(importlib.import_module,
+                                     ["01_sft_rm", "02_rollout", "03_rewards", "05_grpo_train"])
 
 
 @dataclass
@@ -65,32 +82,40 @@ class Config:
     samples: int = 4  # completions per prompt (1 when greedy)
     temperature: float = 1.0  # sampling temperature; 0 = greedy
     max_new_tokens: int = 64  # completion budget
-    fast: str = "auto"  # sampler: on = static KV cache + compiled step, off = the simple loop, auto = on on CUDA
+    fast: str = "auto"  # sampler: on = static KV cache + compiled step, off = the simple loop; auto = on CUDA
     prompts_per_batch: int = 50  # prompts per generation batch
     seed: int = 1234  # sampling seed, the same for every checkpoint
     benchmark: str | None = None  # a paper benchmark to evaluate on instead of the test split (e.g. cvbench)
     benchmark_split: str | None = None  # the benchmark's split; None = the one the paper reports
+    examples: int = 6  # test prompts on the examples page (examples.md); 0 = no page
     # --reproduce
     reproduce: bool = False  # run stage 1, stage 5 for every method and seed, then evaluate all
     methods: str = "grpo,hras,sum"  # advantages to train with
     seeds: str = "0,1,2"  # training seeds
     train_steps: int = 80  # stage 5 steps per run
     scale: int = 1  # multiply train_steps and prompts per step (e.g. 4 on a GPU)
+    jobs: str = "auto"  # stage-5 runs trained at once, one process each; auto = 2 on a CPU, 1 on CUDA
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where models run
     dtype: str = "auto"  # compute precision: auto = bf16 on CUDA, fp32 on CPU (01_sft_rm.compute_dtype)
 
 
 def check_config(cfg: Config) -> dict[str, str]:
-    """Refuse flags that would crash or evaluate nothing, before anything is loaded; returns --checkpoints parsed."""
+    """Refuse flags that would crash or evaluate nothing, before anything is loaded.
+    Returns --checkpoints parsed."""
     counts = {"--n": cfg.n, "--samples": cfg.samples, "--max-new-tokens": cfg.max_new_tokens,
-              "--prompts-per-batch": cfg.prompts_per_batch, "--train-steps": cfg.train_steps, "--scale": cfg.scale}
+              "--prompts-per-batch": cfg.prompts_per_batch, "--train-steps": cfg.train_steps,
+              "--scale": cfg.scale}
     for flag, value in counts.items():
         if value < 1:
             raise SystemExit(f"{flag} {value}: must be at least 1.")
+    if cfg.examples < 0:
+        raise SystemExit(f"--examples {cfg.examples}: must be at least 0 (0 = no examples page).")
     if not (math.isfinite(cfg.temperature) and cfg.temperature >= 0):
         raise SystemExit(f"--temperature {cfg.temperature}: must be a finite number >= 0 (0 = greedy).")
     if cfg.fast not in ("auto", "on", "off"):
         raise SystemExit(f"--fast {cfg.fast}: use auto, on or off.")
+    if cfg.jobs != "auto" and not (cfg.jobs.isdigit() and int(cfg.jobs) >= 1):
+        raise SystemExit(f"--jobs {cfg.jobs}: use auto or a number of processes >= 1.")
     stage1.compute_dtype(cfg.device, cfg.dtype)  # an unknown --dtype is refused there
     if cfg.benchmark is not None:
         from adapters import benchmarks
@@ -101,18 +126,20 @@ def check_config(cfg: Config) -> dict[str, str]:
     if cfg.reproduce:
         unknown = [m for m in cfg.methods.split(",") if m not in ("grpo", "hras", "sum")]
         if unknown:
-            raise SystemExit(f"--methods {cfg.methods}: {unknown} unknown; use a comma list of grpo, hras, sum.")
+            raise SystemExit(f"--methods {cfg.methods}: {unknown} unknown; use a comma list of grpo, hras, "
+                             f"sum.")
         if not all(s.strip().lstrip("-").isdigit() for s in cfg.seeds.split(",")):
             raise SystemExit(f"--seeds {cfg.seeds}: use a comma list of integers, e.g. 0,1,2.")
     checkpoints = {}
     for item in cfg.checkpoints.split(",") if cfg.checkpoints else []:
         name, _, path = item.partition("=")
         if not (name and path):
-            raise SystemExit(f"--checkpoints {cfg.checkpoints}: {item!r} is not name=path (e.g. hras=runs/default/"
-                             f"hras_seed0/policy).")
+            raise SystemExit(f"--checkpoints {cfg.checkpoints}: {item!r} is not name=path "
+                             f"(e.g. hras=runs/default/hras_seed0/policy).")
         checkpoints[name] = path
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        raise SystemExit("06_eval.py runs on one process (see its docstring): run it with python, not torchrun.")
+        raise SystemExit("06_eval.py runs on one process (see its docstring): run it with python, "
+                         "not torchrun.")
     return checkpoints
 
 
@@ -133,47 +160,78 @@ def eval_metrics(records: list[dict]) -> dict:
     oracle = records[0]["oracle_consistent"] is not None
     consistent = [r["oracle_consistent"] if oracle else r["crm_prob"] >= 0.5 for r in records]
     correct = [r["accuracy"] > 0 for r in records]
-    share = lambda flags: sum(flags) / n  # noqa: E731
+
+    def share(flags) -> float:
+        return sum(flags) / n
+
+    both = list(zip(consistent, correct))
     return {
         "accuracy": share(correct), "format_rate": share(r["format"] > 0 for r in records),
         "ir_crm": share(r["crm_prob"] < 0.5 for r in records),
         "ir_oracle": share(not r["oracle_consistent"] for r in records) if oracle else None,
-        "CC": share(c and k for c, k in zip(consistent, correct)), "CW": share(c and not k for c, k in zip(consistent, correct)),
-        "IC": share(k and not c for c, k in zip(consistent, correct)),
-        "IW": share(not c and not k for c, k in zip(consistent, correct)),
+        "CC": share(c and k for c, k in both), "CW": share(c and not k for c, k in both),
+        "IC": share(k and not c for c, k in both), "IW": share(not c and not k for c, k in both),
         "length": sum(r["length"] for r in records) / n, "n": n}
+
+
+def link_failure_rates(records: list[dict]) -> dict:
+    """The oracle's two links apart: ir_steps, the share whose steps do not imply the thinking's conclusion,
+    and ir_answer, the share whose <answer> is not that conclusion (both None without an oracle).
+
+    Example: (oracle_steps, oracle_answer) = (True, True), (False, True), (True, False), (False, False)
+    -> ir_steps 2/4 = 0.5, ir_answer 2/4 = 0.5 (and IR oracle 3/4: the last fails both).
+    """
+    if records[0]["oracle_steps"] is None:
+        return {"ir_steps": None, "ir_answer": None}
+    n = len(records)
+    return {"ir_steps": sum(not r["oracle_steps"] for r in records) / n,
+            "ir_answer": sum(not r["oracle_answer"] for r in records) / n}
+
+
+def kind_of(record: dict) -> str:
+    """CC, CW, IC or IW: consistent/inconsistent (the oracle when there is one, else the CRM at 0.5) x
+    correct/wrong, as eval_metrics counts them. Example: oracle False, accuracy 1 -> "IC"."""
+    oracle = record["oracle_consistent"]
+    consistent = oracle if oracle is not None else record["crm_prob"] >= 0.5
+    return ("C" if consistent else "I") + ("C" if record["accuracy"] > 0 else "W")
 
 
 @torch.no_grad()
 def evaluate(model, processor, test, columns: dict, crm, crm_tokenizer, cfg: Config, embedded: bool,
-             benchmark: str | None = None) -> dict:
-    """Sample, score and aggregate one checkpoint on the first cfg.n test prompts. benchmark: test holds its
-    rows (the comparator's columns too); accuracy is its official score, and "benchmark" its aggregate."""
+             benchmark: str | None = None) -> tuple[dict, list[dict]]:
+    """Sample, score and aggregate one checkpoint on the first cfg.n test prompts: (metrics, records), one
+    record per completion (its test row, sample index, text, scores and kind). benchmark: test holds its rows
+    (the comparator's columns too); accuracy is its official score, and "benchmark" its aggregate."""
     samples = cfg.samples if cfg.temperature > 0 else 1
-    gen_cfg = stage2.Config(group_size=samples, prompts_per_batch=cfg.prompts_per_batch, max_new_tokens=cfg.max_new_tokens,
-                            temperature=cfg.temperature, device=cfg.device, fast=cfg.fast)
+    gen_cfg = stage2.Config(group_size=samples, prompts_per_batch=cfg.prompts_per_batch,
+                            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, device=cfg.device,
+                            fast=cfg.fast)
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     if samples == 1:  # greedy: a group of one (stage 2 allows it; only the advantages need G >= 2)
         gen_cfg.temperature = 0.0
-    prompts = stage2.rollout_prompts(model, processor, test, list(range(min(cfg.n, len(test)))), columns, gen_cfg, generator)
+    rows = list(range(min(cfg.n, len(test))))
+    prompts = stage2.rollout_prompts(model, processor, test, rows, columns, gen_cfg, generator)
     texts = [c["text"] for p in prompts for c in p["completions"]]
     questions = [p["question"] for p in prompts for _ in p["completions"]]
     truths = [p["answer"] for p in prompts for _ in p["completions"]]
-    reward_cfg = stage3.Config(lambda_cons=1.0, device=cfg.device)  # lambda 1: the consistency reward is P itself
+    reward_cfg = stage3.Config(device=cfg.device)  # crm_prob is P itself, whatever lambda_cons
     indices = [p["row"] for p in prompts for _ in p["completions"]]  # the test row of each completion
-    rows = stage3.comparator_rows(test, indices) if benchmark else None
+    comparator = stage3.comparator_rows(test, indices) if benchmark else None
     scores = stage3.score_completions(texts, questions, truths, crm, crm_tokenizer, reward_cfg, embedded,
-                                      benchmark, rows)
-    lengths = [c["length"] for p in prompts for c in p["completions"]]
-    records = [{**s, "crm_prob": s["consistency"], "length": n} for s, n in zip(scores, lengths)]
-    metrics = eval_metrics(records)
+                                      benchmark, comparator)
+    completions = [(p, j, c) for p in prompts for j, c in enumerate(p["completions"])]
+    records = [{**s, "row": p["row"], "question": p["question"], "answer": p["answer"], "sample": j,
+                "text": c["text"], "length": c["length"]} for s, (p, j, c) in zip(scores, completions)]
+    for r in records:
+        r["kind"] = kind_of(r)
+    metrics = eval_metrics(records) | link_failure_rates(records)
     if benchmark:  # the number the benchmark reports (CV-Bench: not the plain mean over completions)
         from adapters import benchmarks
 
         official = benchmarks.aggregate(benchmark, [{"correct": s["accuracy"] > 0, "source": r["source"]}
-                                                    for s, r in zip(scores, rows)])
+                                                    for s, r in zip(scores, comparator)])
         metrics |= {"accuracy": official["accuracy"], "benchmark": official}
-    return metrics
+    return metrics, records
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -186,14 +244,18 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 def markdown_table(results: dict[str, list[dict]]) -> str:
     """One row per method; cells 'mean +- se' over the checkpoints of that method (its seeds)."""
-    keys = ["accuracy", "ir_oracle", "ir_crm", "format_rate", "CC", "CW", "IC", "IW", "length"]
+    keys = ["accuracy", "ir_oracle", "ir_steps", "ir_answer", "ir_crm", "format_rate", "CC", "CW", "IC", "IW",
+            "length"]
     keys = [k for k in keys if all(r.get(k) is not None for rs in results.values() for r in rs)]
     lines = ["| checkpoint | runs | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for name, rows in results.items():
         cells = []
         for k in keys:
             m, se = mean_se([r[k] for r in rows])
-            cells.append(f"{m:.1f}" if k == "length" else (f"{100 * m:.1f} ± {100 * se:.1f}" if len(rows) > 1 else f"{100 * m:.1f}"))
+            if k == "length":
+                cells.append(f"{m:.1f}")
+            else:
+                cells.append(f"{100 * m:.1f} ± {100 * se:.1f}" if len(rows) > 1 else f"{100 * m:.1f}")
         lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -203,12 +265,109 @@ def method_of(run_name: str) -> str:
     return run_name.split("_seed")[0]
 
 
+# ----------------------------------------------------------------------------- examples page
+KINDS = {"CC": "consistent, correct", "CW": "consistent, wrong", "IC": "inconsistent, correct",
+         "IW": "inconsistent, wrong"}
+
+
+def pick_examples(records: dict[str, list[dict]], n: int) -> list[dict[str, dict]]:
+    """n test prompts, each as {checkpoint: the one completion shown}, chosen so that every kind (CC/CW/IC/IW)
+    in records appears on the page when n >= 4.
+
+    Greedy: for each prompt, each checkpoint shows the sample whose kind is rarest on the page so far (the
+    first sample on ties); the prompt whose shown completions add the most kinds not yet on the page is taken
+    next (the lowest row on ties), so each pick adds an absent kind while one is left anywhere.
+    Example: rows 0-9 all CC except row 7 of checkpoint b, sample 1, IW -> row 7 first, b showing sample 1.
+    """
+    by_row: dict[int, dict[str, list[dict]]] = {}
+    for name, recs in records.items():
+        for r in recs:
+            by_row.setdefault(r["row"], {}).setdefault(name, []).append(r)
+    on_page: Counter = Counter()  # kind -> completions of that kind shown so far
+
+    def shown(row: int) -> tuple[dict[str, dict], Counter]:
+        """What row would show (one completion per checkpoint) and the page's kind counts after it."""
+        counts, choice = on_page.copy(), {}
+        for name, samples in by_row[row].items():
+            choice[name] = min(samples, key=lambda r: counts[r["kind"]])  # min keeps the first of equals
+            counts[choice[name]["kind"]] += 1
+        return choice, counts
+
+    def new_kinds(row: int) -> int:
+        return sum(1 for kind in shown(row)[1] if kind not in on_page)
+
+    picked, left = [], sorted(by_row)
+    while left and len(picked) < n:
+        row = max(left, key=new_kinds)  # max keeps the first (lowest row) of equals
+        choice, on_page = shown(row)
+        picked.append(choice)
+        left.remove(row)
+    return picked
+
+
+def fenced(text: str) -> str:
+    """text in a Markdown code block whose fence is longer than any run of backticks inside it."""
+    longest, run = 0, 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
+
+
+def verdicts(r: dict) -> str:
+    """One line: the kind, the oracle link by link, the CRM."""
+    crm_says = "consistent" if r["crm_prob"] >= 0.5 else "inconsistent"
+    crm = f"CRM P(consistent) {r['crm_prob']:.2f}: {crm_says}"
+    if r["oracle_consistent"] is None:
+        oracle = "no oracle (kind by the CRM)"
+    else:
+        mark = {True: "holds", False: "fails"}
+        oracle = (f"oracle {'consistent' if r['oracle_consistent'] else 'inconsistent'} (steps -> conclusion "
+                  f"{mark[r['oracle_steps']]}, conclusion -> answer {mark[r['oracle_answer']]})")
+    return f"kind **{r['kind']}** ({KINDS[r['kind']]}); {oracle}; {crm}"
+
+
+def write_examples(run_dir: Path, page: str, test, image_column: str, records: dict[str, list[dict]], n: int,
+                   header: str) -> Path:
+    """runs/<run>/<page>.md with each picked prompt's image beside it as <page>/<row>.png. Atomic: each image,
+    then the page, goes through a temporary file and a rename. Returns the page's path."""
+    folder = run_dir / page
+    folder.mkdir(parents=True, exist_ok=True)
+    kinds = "; ".join(f"{k} = {v}" for k, v in KINDS.items())
+    lines = [f"# Examples: {', '.join(records)} on a few test prompts", "", header.strip(), "",
+             f"Kinds: {kinds}. Each checkpoint shows one of its completions per prompt, picked so that every "
+             f"kind that occurs appears.", ""]
+    for i, choice in enumerate(pick_examples(records, n), start=1):
+        first = next(iter(choice.values()))
+        image = folder / f"{first['row']}.png"
+        tmp = folder / f"{first['row']}.tmp.png"
+        stage1.row_image(test, first["row"], image_column).save(tmp)
+        os.replace(tmp, image)
+        lines += [f"## {i}. Test row {first['row']}", "",
+                  f"![test row {first['row']}]({page}/{image.name})", "",
+                  f"**Question:** {first['question']}  ", f"**True answer:** {first['answer']}", ""]
+        for name, r in choice.items():
+            lines += [f"- **{name}**, sample {r['sample']}: {verdicts(r)}", "", fenced(r["text"]), ""]
+    path = run_dir / f"{page}.md"
+    tmp = run_dir / f"{page}.md.tmp"
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+    return path
+
+
 # ----------------------------------------------------------------------------- curves (drawn with Pillow)
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 
 
 def moving_average(values: list[float], window: int = 10) -> list[float]:
-    return [sum(values[max(0, i - window + 1): i + 1]) / len(values[max(0, i - window + 1): i + 1]) for i in range(len(values))]
+    """The mean of each value and the window - 1 before it (fewer at the start).
+    Example: [1, 2, 3, 4], window 2 -> [1, 1.5, 2.5, 3.5]."""
+    averages = []
+    for i in range(len(values)):
+        recent = values[max(0, i - window + 1): i + 1]
+        averages.append(sum(recent) / len(recent))
+    return averages
 
 
 def plot_curves(panels: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> None:
@@ -218,7 +377,10 @@ def plot_curves(panels: dict[str, dict[str, list[tuple[int, float]]]], path: Pat
     image = Image.new("RGB", (width * len(panels), height + 30), "white")
     draw = ImageDraw.Draw(image)
     methods = sorted({method_of(name) for series in panels.values() for name in series})
-    colour = lambda name: COLOURS[methods.index(method_of(name)) % len(COLOURS)]  # noqa: E731
+
+    def colour(name: str) -> tuple[int, int, int]:  # one colour per method
+        return COLOURS[methods.index(method_of(name)) % len(COLOURS)]
+
     for p, (title, series) in enumerate(panels.items()):
         x0 = p * width
         points = [pt for s in series.values() for pt in s]
@@ -227,8 +389,12 @@ def plot_curves(panels: dict[str, dict[str, list[tuple[int, float]]]], path: Pat
         max_step = max(s for s, _ in points)
         lo, hi = min(v for _, v in points), max(v for _, v in points)
         lo, hi = (lo - 0.05, hi + 0.05) if hi - lo < 1e-9 else (lo, hi)
-        to_xy = lambda s, v: (x0 + pad + (width - 2 * pad) * s / max(1, max_step),  # noqa: E731
-                              height - pad - (height - 2 * pad) * (v - lo) / (hi - lo))
+
+        def to_xy(step: int, value: float) -> tuple[float, float]:  # data -> pixel in this panel
+            x = x0 + pad + (width - 2 * pad) * step / max(1, max_step)
+            y = height - pad - (height - 2 * pad) * (value - lo) / (hi - lo)
+            return x, y
+
         draw.rectangle([x0 + pad, pad, x0 + width - pad, height - pad], outline=(0, 0, 0))
         draw.text((x0 + pad, 10), title, fill=(0, 0, 0))
         draw.text((x0 + 2, pad - 5), f"{hi:.2f}", fill=(0, 0, 0))
@@ -238,7 +404,8 @@ def plot_curves(panels: dict[str, dict[str, list[tuple[int, float]]]], path: Pat
             smooth = moving_average([v for _, v in pts])
             draw.line([to_xy(s, v) for (s, _), v in zip(pts, smooth)], fill=colour(name), width=2)
     for i, method in enumerate(methods):
-        draw.line([(pad + 120 * i, height + 14), (pad + 120 * i + 20, height + 14)], fill=COLOURS[i % len(COLOURS)], width=2)
+        draw.line([(pad + 120 * i, height + 14), (pad + 120 * i + 20, height + 14)],
+                  fill=COLOURS[i % len(COLOURS)], width=2)
         draw.text((pad + 120 * i + 25, height + 8), method, fill=(0, 0, 0))
     tmp = path.with_suffix(".tmp.png")
     image.save(tmp)
@@ -258,24 +425,119 @@ def training_curves(run_dir: Path) -> dict[str, dict[str, list[tuple[int, float]
     return panels
 
 
-# ----------------------------------------------------------------------------- main
-def reproduce(cfg: Config) -> None:
-    """Stage 1 once, then every (method, seed) run of stage 5 from the same SFT checkpoint."""
-    run_dir = Path(cfg.runs_dir) / cfg.run
-    if not (run_dir / "stage1.json").exists():
-        stage1.main(stage1.Config(run=cfg.run, runs_dir=cfg.runs_dir, device=cfg.device, dtype=cfg.dtype))
+# ----------------------------------------------------------------------------- --reproduce
+def worker_count(jobs: str, device: str) -> int:
+    """--jobs as a number: auto = 1 on CUDA (one GPU that processes would share), else 2 when the CPU has two
+    cores or more (a small model keeps one core busy better than two), else 1."""
+    if jobs != "auto":
+        return int(jobs)
+    return 1 if device.startswith("cuda") else min(2, os.cpu_count() or 1)
+
+
+def pending_runs(cfg: Config, run_dir: Path) -> list:
+    """The stage-5 configs of every (method, seed) run still to train, in order; a run with a summary.json is
+    done and kept, one killed after a checkpoint resumes from it (--resume), any other starts anew."""
+    todo = []
     for method in cfg.methods.split(","):
         for seed in (int(s) for s in cfg.seeds.split(",")):
             name = f"{method}_seed{seed}"
             if (run_dir / name / "summary.json").exists():
                 print(f"{name}: done already, kept")
                 continue
-            resume = stage5.latest_checkpoint(run_dir / name) is not None  # killed after a checkpoint: continue
-            stage5.main(stage5.Config(run=cfg.run, runs_dir=cfg.runs_dir, name=name, advantage=method, seed=seed,
-                                      steps=cfg.train_steps * cfg.scale, prompts_per_step=8 * cfg.scale,
-                                      resume=resume, overwrite=not resume, device=cfg.device, dtype=cfg.dtype))
+            resume = stage5.latest_checkpoint(run_dir / name) is not None  # killed after a checkpoint
+            todo.append(stage5.Config(run=cfg.run, runs_dir=cfg.runs_dir, name=name, advantage=method,
+                                      seed=seed, steps=cfg.train_steps * cfg.scale,
+                                      prompts_per_step=8 * cfg.scale, resume=resume, overwrite=not resume,
+                                      device=cfg.device, dtype=cfg.dtype))
+    return todo
 
 
+def config_argv(config) -> list[str]:
+    """The command-line flags that stage1.parse_config turns back into `config`: every field that differs from
+    its default, and every switch that is on (a switch on by default still needs its flag when the parser
+    reads a missing switch as off). Checked by parsing them back: a config the flags cannot carry is an error.
+    Example: stage5.Config(name="grpo_seed0", resume=True) -> ["--name", "grpo_seed0", "--resume", ...]."""
+    argv = []
+    for field in dataclasses.fields(config):
+        value, flag = getattr(config, field.name), "--" + field.name.replace("_", "-")
+        if field.type in (bool, "bool"):
+            argv += [flag] if value else ([] if value == field.default else ["--no-" + flag[2:]])
+        elif value != field.default:
+            argv += [flag, str(value)]
+    try:
+        parsed = stage1.parse_config(type(config), "", argv)
+    except SystemExit:  # argparse already printed why
+        parsed = None
+    if parsed != config:
+        differ = [f.name for f in dataclasses.fields(config)
+                  if parsed is None or getattr(parsed, f.name) != getattr(config, f.name)]
+        raise ValueError(f"{type(config).__module__}: the command line cannot carry {differ} "
+                         f"(flags {argv}); run with --jobs 1.")
+    return argv
+
+
+def tail(path: Path, lines: int = 8) -> str:
+    """The last lines of a log (tqdm's carriage returns read as line ends)."""
+    text = path.read_text(errors="replace").replace("\r", "\n")
+    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+
+
+def run_in_processes(configs: list, run_dir: Path, jobs: int) -> None:
+    """Train the stage-5 runs `jobs` at a time, each as `python 05_grpo_train.py <its flags>` limited to
+    cpu_count // jobs torch threads, its output appended to runs/<run>/<name>/stdout.log; one bar over the
+    runs. A run that fails stops the launching of new ones; those running finish (their work is kept), then
+    the failures are named with their logs."""
+    jobs = min(jobs, len(configs))
+    threads = str(max(1, (os.cpu_count() or 1) // jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}  # read when torch starts
+    script = str(Path(__file__).resolve().with_name("05_grpo_train.py"))
+    waiting, running, failed = list(configs), {}, []
+    with tqdm(total=len(configs), desc=f"stage 5, {jobs} runs at once, {threads} thread(s) each") as bar:
+        while waiting or running:
+            while waiting and len(running) < jobs and not failed:
+                config = waiting.pop(0)
+                log_path = run_dir / config.name / "stdout.log"
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                log = open(log_path, "a")
+                argv = [sys.executable, script, *config_argv(config)]
+                log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(argv)}\n")
+                log.flush()
+                process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+                running[config.name] = (process, log, log_path)
+                bar.set_postfix_str(", ".join(running))
+            time.sleep(0.2)
+            for name, (process, log, log_path) in list(running.items()):
+                if process.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                bar.update()
+                if process.returncode:
+                    failed.append(f"{name} (exit {process.returncode}; log {log_path}):\n{tail(log_path)}")
+                    if running:
+                        tqdm.write(f"{name} failed (log {log_path}); starting no more runs, waiting for "
+                                   f"{', '.join(running)}")
+            bar.set_postfix_str(", ".join(running))
+    if failed:
+        raise SystemExit(f"--reproduce: stage 5 failed for {len(failed)} run(s), {len(waiting)} not started; "
+                         f"finished runs are kept and a rerun resumes the others.\n" + "\n\n".join(failed))
+
+
+def reproduce(cfg: Config) -> None:
+    """Stage 1 once, then every (method, seed) run of stage 5 from the same SFT checkpoint: one after the
+    other in this process with --jobs 1, else in worker processes (run_in_processes)."""
+    run_dir = Path(cfg.runs_dir) / cfg.run
+    if not (run_dir / "stage1.json").exists():
+        stage1.main(stage1.Config(run=cfg.run, runs_dir=cfg.runs_dir, device=cfg.device, dtype=cfg.dtype))
+    todo, jobs = pending_runs(cfg, run_dir), worker_count(cfg.jobs, cfg.device)
+    if jobs > 1 and todo:
+        run_in_processes(todo, run_dir, jobs)
+        return
+    for config in todo:
+        stage5.main(config)
+
+
+# ----------------------------------------------------------------------------- main
 def main(cfg: Config) -> dict:
     from datasets import load_from_disk
 
@@ -300,10 +562,11 @@ def main(cfg: Config) -> dict:
         checkpoints = {"sft": str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))}
         checkpoints |= {p.parent.name: str(p) for p in sorted(run_dir.glob("*/policy"))}
     dtype = stage1.compute_dtype(cfg.device, cfg.dtype)  # nothing trains here: every model is stored in it
-    crm, crm_tokenizer = stage1.load_crm(str(stage1.require(run_dir / "crm", "python 01_sft_rm.py")), cfg.device, dtype)
+    crm_path = str(stage1.require(run_dir / "crm", "python 01_sft_rm.py"))
+    crm, crm_tokenizer = stage1.load_crm(crm_path, cfg.device, dtype)
     crm.eval()
 
-    per_checkpoint, skipped = {}, {}
+    per_checkpoint, records, skipped = {}, {}, {}
     for name, path in tqdm(checkpoints.items(), desc="evaluating"):
         model, processor = stage1.load_policy(path, cfg.device, dtype=dtype)  # a LoRA policy: base + adapter
         bad = non_finite(model)
@@ -311,8 +574,8 @@ def main(cfg: Config) -> dict:
             skipped[name] = f"{len(bad)} weight tensors hold NaN or inf, e.g. {bad[0]}"
             print(f"\nskipping {name} ({path}): {skipped[name]}")
             continue
-        per_checkpoint[name] = evaluate(stage1.unwrap(model).eval(), processor, test, columns, crm, crm_tokenizer,
-                                        cfg, embedded, benchmark)
+        per_checkpoint[name], records[name] = evaluate(stage1.unwrap(model).eval(), processor, test, columns,
+                                                       crm, crm_tokenizer, cfg, embedded, benchmark)
         del model
     if not per_checkpoint:
         raise SystemExit(f"no checkpoint to evaluate: every one was skipped ({skipped}).")
@@ -323,9 +586,11 @@ def main(cfg: Config) -> dict:
     mode = f"{cfg.samples} samples at T={cfg.temperature}" if cfg.temperature > 0 else "greedy"
     where = (f"{cfg.benchmark} (split {cfg.benchmark_split or benchmarks.BENCHMARKS[cfg.benchmark].split})"
              if cfg.benchmark else "Test split")
+    judge = "oracle" if embedded else "CRM"
     header = (f"{where}, first {min(cfg.n, len(test))} prompts, {mode}. Cells: % (mean ± standard error "
-              f"over training seeds); IR = inconsistency rate; CC/CW/IC/IW = consistent/inconsistent x "
-              f"correct/wrong ({'oracle' if embedded else 'CRM'}).\n\n")
+              f"over training seeds); IR = inconsistency rate; ir_steps / ir_answer = the oracle's steps -> "
+              f"conclusion / conclusion -> answer link fails; CC/CW/IC/IW = consistent/inconsistent x "
+              f"correct/wrong ({judge}).\n\n")
     if benchmark == "cvbench":
         complete = all(m["benchmark"]["complete"] for m in per_checkpoint.values())
         missing = "" if complete else "; a source absent from these prompts: the mean of the parts present"
@@ -335,11 +600,18 @@ def main(cfg: Config) -> dict:
     stage1.write_json_atomic(run_dir / f"{out}.json", {"config": dataclasses.asdict(cfg),
                                                        "checkpoints": per_checkpoint, "skipped": skipped})
     (run_dir / f"{out}.md").write_text(header + table + "\n")
+    written = [f"{out}.json", f"{out}.md"]
+    if cfg.examples:
+        page = f"examples_{cfg.benchmark}" if cfg.benchmark else "examples"
+        write_examples(run_dir, page, test, columns["image"], records, cfg.examples,
+                       f"{where}, {mode}; kinds by the {judge}.")
+        written += [f"{page}.md", f"{page}/"]
     panels = training_curves(run_dir)
     if any(panels.values()):
         plot_curves(panels, run_dir / "curves.png")
+        written.append("curves.png")
     print("\n" + header + table)
-    print(f"\nwrote {run_dir}/{out}.json, {out}.md, curves.png in {time.time() - started:.0f} s")
+    print(f"\nwrote {', '.join(written)} in {run_dir} in {time.time() - started:.0f} s")
     return per_checkpoint
 
 
