@@ -95,7 +95,7 @@ class Config:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where models train
     dtype: str = "auto"  # compute precision: auto = bf16 on CUDA, fp32 on CPU (compute_dtype)
     # data
-    dataset: str | None = None  # hub id, load_from_disk folder, JSONL or benchmark name; None = embedded tasks
+    dataset: str | None = None  # hub id, save_to_disk folder, JSONL or benchmark name; None = embedded tasks
     image_column: str = "image"  # column with the image (PIL image, or a path for JSONL)
     question_column: str = "question"  # column with the question text
     answer_column: str = "answer"  # column with the verifiable answer
@@ -164,17 +164,20 @@ def check_config(cfg: Config) -> None:
     if not 0 <= cfg.inconsistent_frac <= 1:
         raise SystemExit(f"--inconsistent-frac {cfg.inconsistent_frac}: must be a share between 0 and 1.")
     if embedded and (cfg.image_size % 28 or cfg.image_size < 56):
-        raise SystemExit(f"--image-size {cfg.image_size}: must be a multiple of 28, at least 56 (default 84).")
+        raise SystemExit(f"--image-size {cfg.image_size}: must be a multiple of 28, "
+                         f"at least 56 (default 84).")
     if cfg.judge and cfg.judge_url:
         raise SystemExit("--judge and --judge-url both name a judge: pass one of them.")
     if bool(cfg.judge_url) != bool(cfg.judge_model):
-        raise SystemExit("--judge-url and --judge-model go together: the endpoint and the model to ask there.")
+        raise SystemExit("--judge-url and --judge-model go together: "
+                         "the endpoint and the model to ask there.")
     if judged and cfg.crm_data:
-        raise SystemExit("--crm-data is already labelled: pass it or a judge (--judge, --judge-url), not both")
+        raise SystemExit("--crm-data is already labelled: "
+                         "pass it or a judge (--judge, --judge-url), not both")
     if not embedded and not cfg.crm_data and not judged:  # say so now, not after an hour of policy SFT
-        raise SystemExit("--dataset is real data, so the CRM needs --crm-data (a JSONL of question, thinking, "
-                         "answer, label rows, e.g. judged rollouts) or a judge to label the policy's rollouts "
-                         "(--judge MODEL, or --judge-url URL --judge-model NAME).")
+        raise SystemExit("--dataset is real data, so the CRM needs --crm-data (a JSONL of question, "
+                         "thinking, answer, label rows, e.g. judged rollouts) or a judge to label the "
+                         "policy's rollouts (--judge MODEL, or --judge-url URL --judge-model NAME).")
     if not embedded and not cfg.skip_policy_sft and not cfg.target_column:
         raise SystemExit("policy SFT on real data needs completions: pass --target-column (a column of "
                          "<think>...</think><answer>...</answer> texts), or --skip-policy-sft.")
@@ -182,8 +185,8 @@ def check_config(cfg: Config) -> None:
 
 # ----------------------------------------------- 1. parsing and the rule oracle
 # Every pattern here runs in time linear in the text: a policy's output is untrusted, and a regex such as
-# <answer>(.*?)</answer> rescans the rest of the text from every unclosed tag (quadratic on "<answer>" x 8,000).
-# CONCLUSION_RE is linear: each try starts at "answer is" and stops at the next space.
+# <answer>(.*?)</answer> rescans the rest of the text from every unclosed tag (quadratic on "<answer>"
+# x 8,000). CONCLUSION_RE is linear: each try starts at "answer is" and stops at the next space.
 CONCLUSION_RE = re.compile(r"answer is\s*([^\s<]+?)\.?(?:\s|$)", re.IGNORECASE)
 
 
@@ -215,9 +218,11 @@ def parse_completion(text: str) -> tuple[str | None, str | None]:
     return (think or "").strip() or None, (answer or "").strip() or None
 
 
-ASCII_FORMS = {0x2212: ord("-"), **{c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)}}  # minus sign, full-width forms
+# the Unicode minus sign and the full-width forms (U+FF01..U+FF5E) as ASCII
+ASCII_FORMS = {0x2212: ord("-"), **{c: c - 0xFEE0 for c in range(0xFF01, 0xFF5F)}}
 ANSWER_WRAPPERS = [("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"), ("\\boxed{", "}"), ("\\text{", "}")]
-NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d{1,4})?")  # 3, -3.0, .5, 1e309 (exponent < 10^4)
+# 3, -3.0, .5, 1e309 (an exponent below 10^4)
+NUMBER_RE = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:e[+-]?\d{1,4})?")
 THOUSANDS_RE = re.compile(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d*)?")  # 1,000 and 1,234,567.5 (not 1,2)
 LATEX_FRACTION_RE = re.compile(r"(-?)\\[dt]?frac\{([^{}]*)\}\{([^{}]*)\}")  # \frac{1}{2}, -\dfrac{3}{4}
 
@@ -226,7 +231,8 @@ def normalize_answer(text: str) -> str:
     """The answer as compared: full-width forms and the Unicode minus as ASCII, up to 4 wrappers removed
     ($3$, \\(3\\), \\[3\\], \\boxed{3}, \\text{B}), no surrounding spaces, periods or parentheses, lower case.
 
-    Example: normalize_answer(" $\\boxed{−3}$. ") -> "-3";  normalize_answer("(B)") -> "b" (an option letter).
+    Example: normalize_answer(" $\\boxed{−3}$. ") -> "-3";
+             normalize_answer("(B)") -> "b" (an option letter).
     """
     s = text.translate(ASCII_FORMS)
     for _ in range(4):  # a bounded number of passes: linear in len(text) whatever it holds
@@ -247,7 +253,8 @@ def parse_number(text: str) -> Fraction | None:
     Example: parse_number("1,000") -> Fraction(1000);  parse_number("0.5") -> Fraction(1, 2) (as "1/2");
              parse_number("-\\frac{1}{2}") -> Fraction(-1, 2);  parse_number("nan") -> None.
     """
-    if len(text) > 100:  # no answer worth reading as a number is longer; keeps int() far below its digit limit
+    # no answer worth reading as a number is longer; this keeps int() far below its digit limit
+    if len(text) > 100:
         return None
     fraction = LATEX_FRACTION_RE.fullmatch(text)
     sign, parts = (-1 if fraction[1] else 1, fraction.groups()[1:]) if fraction else (1, text.split("/"))
@@ -293,7 +300,8 @@ COUNT_STEP_RE = re.compile(r"\b\d{1,3}\b")  # "1", "2", "3" in "I count the red 
 def steps_imply(think: str | None) -> str | None:
     """What the thinking's steps (the text before its last 'answer is') imply on their own, or None when they
     imply no single answer. The two embedded families:
-      bars   "Heights: A 4, B 1, C 6."        -> "C": the tallest listed bar (three distinct letters, one maximum)
+      bars   "Heights: A 4, B 1, C 6."          -> "C": the tallest listed bar
+                                                   (three distinct letters, one maximum)
       count  "I count the red shapes: 1, 2, 3." -> "3": the count listed, which must run 1, 2, ..., k
     Steps with a tie ("A 4, B 1, C 4"), a count that skips or repeats ("1, 2, 4"), or nothing listed imply
     nothing, so no conclusion follows from them."""
@@ -365,7 +373,8 @@ def load_policy(name_or_path: str, device: str, max_pixels: int | None = None, d
     image_processor = processor.image_processor
     if max_pixels:  # cap the visual tokens: a 448x448 image is 256 of them after the 2x2 merge
         size = image_processor.size
-        image_processor.size = {"shortest_edge": size.shortest_edge, "longest_edge": min(size.longest_edge, max_pixels)}
+        image_processor.size = {"shortest_edge": size.shortest_edge,
+                                "longest_edge": min(size.longest_edge, max_pixels)}
     for old_name in ("min_pixels", "max_pixels"):  # legacy copies of `size` that transformers 5 warns about
         if getattr(image_processor, old_name, None) is not None:
             setattr(image_processor, old_name, None)
@@ -402,7 +411,8 @@ def load_crm(name_or_path: str, device: str, dtype=torch.float32):
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
     tokenizer.padding_side = "right"
     model = AutoModelForSequenceClassification.from_pretrained(
-        name_or_path, num_labels=2, id2label=CRM_LABELS, label2id={v: k for k, v in CRM_LABELS.items()}, dtype=dtype)
+        name_or_path, num_labels=2, id2label=CRM_LABELS, label2id={v: k for k, v in CRM_LABELS.items()},
+        dtype=dtype)
     model.config.pad_token_id = model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
     return model.to(device), tokenizer
 
@@ -414,7 +424,8 @@ def stop_token_ids(processor) -> list[int]:
     return sorted(i for i in ids if i is not None and i != tok.unk_token_id)
 
 
-INSTRUCTION = " Think step by step inside <think></think>, then give the final answer inside <answer></answer>."
+INSTRUCTION = (" Think step by step inside <think></think>, "
+               "then give the final answer inside <answer></answer>.")
 
 
 def encode_prompts(processor, images: list, questions: list[str]) -> dict:
@@ -433,7 +444,8 @@ def to_device(batch: dict, device) -> dict:
 def encode_completions(processor, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
     """Completion texts (+ <|im_end|>) as right-padded ids (B, L) and their mask (B, L)."""
     tok = processor.tokenizer
-    rows = [tok(t, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")] for t in texts]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    rows = [tok(t, add_special_tokens=False)["input_ids"] + [end] for t in texts]
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -450,7 +462,8 @@ def unwrap(model):
 def image_features(model, prompt: dict) -> list[torch.Tensor]:
     """The vision tower's output for each prompt's image: B tensors (n_b, H), n_b its visual tokens."""
     out = unwrap(model).model.get_image_features(prompt["pixel_values"], prompt["image_grid_thw"])
-    return list(out.pooler_output if hasattr(out, "pooler_output") else out)  # transformers < 5.20: the list itself
+    # transformers < 5.20 returns the list itself
+    return list(out.pooler_output if hasattr(out, "pooler_output") else out)
 
 
 def chunk_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -476,10 +489,12 @@ def completion_logprobs(model, prompt: dict, completion_ids: torch.Tensor, compl
     L = completion_ids.shape[1]
     input_ids = torch.cat([prompt["input_ids"], completion_ids], dim=1)  # (B, P + L)
     attention_mask = torch.cat([prompt["attention_mask"], completion_mask], dim=1)  # (B, P + L)
-    mm_token_type_ids = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion_ids)], dim=1)  # text = 0
+    text_types = torch.zeros_like(completion_ids)  # token type 0: text
+    mm_token_type_ids = torch.cat([prompt["mm_token_type_ids"], text_types], dim=1)  # (B, P + L)
     core = unwrap(model)
     if visual is None:  # the model's own path: the vision tower runs inside the forward
-        hidden = core.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=prompt["pixel_values"],
+        hidden = core.model(input_ids=input_ids, attention_mask=attention_mask,
+                            pixel_values=prompt["pixel_values"],
                             image_grid_thw=prompt["image_grid_thw"], mm_token_type_ids=mm_token_type_ids,
                             use_cache=False).last_hidden_state  # no KV cache: nothing is decoded after this
     else:  # the same forward with the visual tokens given: embed the text, scatter the image features in
@@ -494,7 +509,8 @@ def completion_logprobs(model, prompt: dict, completion_ids: torch.Tensor, compl
     hidden = hidden[:, -L - 1:-1]  # (B, L, H): the state at t predicts token t + 1
     chunks = []
     for start in range(0, L, chunk_size):
-        args = (core.lm_head, hidden[:, start:start + chunk_size], completion_ids[:, start:start + chunk_size], temperature)
+        end = start + chunk_size
+        args = (core.lm_head, hidden[:, start:end], completion_ids[:, start:end], temperature)
         if torch.is_grad_enabled():  # keep only the chunk's input; its logits are recomputed in backward
             chunks.append(torch.utils.checkpoint.checkpoint(chunk_logprobs, *args, use_reentrant=False))
         else:
@@ -511,7 +527,8 @@ def lr_at(step: int, total: int, warmup: int, peak: float) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def fit(model, batch_loss, steps: int, peak_lr: float, warmup: int, weight_decay: float, desc: str) -> list[float]:
+def fit(model, batch_loss, steps: int, peak_lr: float, warmup: int, weight_decay: float,
+        desc: str) -> list[float]:
     """The supervised loop of both models: AdamW, warm-up + cosine learning rate, gradients clipped at norm 1.
     batch_loss(step) draws that step's batch and returns its loss."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=peak_lr, weight_decay=weight_decay)
@@ -542,7 +559,8 @@ def sft_policy(cfg: Config, model, processor, train) -> list[float]:
     def batch_loss(step: int) -> torch.Tensor:
         rows = rng.sample(range(len(train)), cfg.sft_batch_size)
         images = [row_image(train, i, cfg.image_column) for i in rows]
-        prompt = to_device(encode_prompts(processor, images, [train[i][cfg.question_column] for i in rows]), cfg.device)
+        questions = [train[i][cfg.question_column] for i in rows]
+        prompt = to_device(encode_prompts(processor, images, questions), cfg.device)
         ids, mask = encode_completions(processor, [train[i][target] for i in rows], cfg.device)
         with autocast(cfg.device, compute_dtype(cfg.device, cfg.dtype)):  # fp32 weights, bf16 matmuls on CUDA
             logprobs = completion_logprobs(model, prompt, ids, mask)  # (B, L)
@@ -552,18 +570,21 @@ def sft_policy(cfg: Config, model, processor, train) -> list[float]:
 
 
 @torch.no_grad()
-def greedy_check(cfg: Config, model, processor, test, n: int, embedded: bool, batch_size: int = 50) -> dict:
-    """Greedy replies (transformers' generate) on test prompts: format rate, accuracy, and (embedded
-    tasks only: the rule oracle reads our templates) the inconsistency rate over all n replies (one with nothing
-    to parse counts as inconsistent), and each link of the oracle's chain (oracle_parts) apart: the share of the
+def greedy_check(cfg: Config, model, processor, test, n: int, embedded: bool,
+                 batch_size: int = 50) -> dict:
+    """Greedy replies (transformers' generate) on test prompts: format rate, accuracy, and (embedded tasks
+    only: the rule oracle reads our templates) the inconsistency rate over all n replies (one with nothing to
+    parse counts as inconsistent), and each link of the oracle's chain (oracle_parts) apart: the share of the
     parsed replies whose steps do not imply their conclusion, and whose answer is not their conclusion."""
-    n, stats = min(n, len(test)), {"format": 0, "correct": 0, "inconsistent": 0, "steps_fail": 0, "answer_fail": 0}
+    n = min(n, len(test))
+    stats = {"format": 0, "correct": 0, "inconsistent": 0, "steps_fail": 0, "answer_fail": 0}
     for start in tqdm(range(0, n, batch_size), desc="greedy check"):
         rows = list(range(start, min(n, start + batch_size)))
         prompt = to_device(encode_prompts(processor, [row_image(test, i, cfg.image_column) for i in rows],
                                           [test[i][cfg.question_column] for i in rows]), cfg.device)
         out = model.generate(**prompt, max_new_tokens=cfg.max_new_tokens, do_sample=False,
-                             eos_token_id=stop_token_ids(processor), pad_token_id=processor.tokenizer.pad_token_id)
+                             eos_token_id=stop_token_ids(processor),
+                             pad_token_id=processor.tokenizer.pad_token_id)
         texts = processor.batch_decode(out[:, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
         for i, text in zip(rows, texts):
             think, answer = parse_completion(text)
@@ -591,39 +612,45 @@ def crm_hypothesis(answer: str) -> str:
 def with_conclusion(thinking: str, conclusion: str) -> str:
     """The thinking with its last 'answer is X.' replaced, so its steps and its conclusion disagree.
 
-    Example: with_conclusion("I count: 1, 2. So the answer is 2.", "5") -> "I count: 1, 2. So the answer is 5."
+    Example: with_conclusion("I count: 1, 2. So the answer is 2.", "5")
+             -> "I count: 1, 2. So the answer is 5."
     """
     head, found, _ = thinking.rpartition("answer is ")
     return f"{head}{found}{conclusion}." if found else thinking
 
 
 def embedded_crm_pairs(split, seed: int) -> list[dict]:
-    """Oracle-labelled NLI pairs from the traces, eight per task, labelled by the chain oracle (oracle_consistent):
+    """NLI pairs from the traces, eight per task, labelled by the chain oracle (oracle_consistent):
 
-      consistent (1)      (right thinking, true answer); (misread thinking, its answer) and a second misreading
-                          with its answer: consistent but wrong, since the CRM judges agreement, not correctness;
-      answer link (0)     (right thinking, wrong answer), (misread thinking, true answer): the answer swapped;
-      steps link (0)      a thinking whose steps say one thing and whose conclusion another, with the answer
-                          EQUAL to that conclusion: (right steps, wrong conclusion) and (misread steps, true
-                          conclusion). The old oracle read the conclusion only and called these consistent;
-      both links (0)      (right steps, wrong conclusion, true answer).
+      consistent (1)   (right thinking, true answer); (misread thinking, its answer) and a second
+                       misreading with its answer: consistent but wrong, since the CRM judges agreement,
+                       not correctness;
+      answer link (0)  (right thinking, wrong answer), (misread thinking, true answer): the answer swapped;
+      steps link (0)   a thinking whose steps say one thing and whose conclusion another, with the answer
+                       EQUAL to that conclusion: (right steps, wrong conclusion) and (misread steps, true
+                       conclusion). The old oracle read the conclusion only and called these consistent;
+      both links (0)   (right steps, wrong conclusion, true answer).
 
-    A "mixed" thinking (steps and conclusion disagree) is inconsistent whatever the answer, so the CRM must read
-    the steps, not only the conclusion. Three positives to five negatives: with the policy's rollouts (mostly
-    consistent) the classes stay near balanced.
+    A "mixed" thinking (steps and conclusion disagree) is inconsistent whatever the answer, so the CRM must
+    read the steps, not only the conclusion. Three positives to five negatives: with the policy's rollouts
+    (mostly consistent) the classes stay near balanced.
 
-    Example (count, 3 red shapes, misread as 5): "I count the red shapes: 1, 2, 3. So the answer is 5." with
-    answer 5 -> 0 (the steps list 3); "I count the red shapes: 1, 2, 3, 4, 5. So the answer is 5." with 5 -> 1.
+    Example (count, 3 red shapes, misread as 5):
+      "I count the red shapes: 1, 2, 3. So the answer is 5." + 5 -> 0 (the steps list 3);
+      "I count the red shapes: 1, 2, 3, 4, 5. So the answer is 5." + 5 -> 1 (consistent, wrong).
     """
     rng, pairs = random.Random(seed), []
     for row in split:
         right, _ = parse_completion(row["solution"])
         misread, truth, wrong = row["wrong_thinking"], row["answer"], row["wrong_answer"]
         other, other_answer = another_misreading(row, rng)
-        for thinking, answer in [(right, truth), (misread, wrong), (other, other_answer),
-                                 (right, wrong), (misread, truth),
-                                 (with_conclusion(right, wrong), wrong), (with_conclusion(misread, truth), truth),
-                                 (with_conclusion(right, wrong), truth)]:
+        right_steps_wrong_conclusion = with_conclusion(right, wrong)
+        misread_steps_true_conclusion = with_conclusion(misread, truth)
+        for thinking, answer in [(right, truth), (misread, wrong), (other, other_answer),  # 1
+                                 (right, wrong), (misread, truth),  # 0: the answer link
+                                 (right_steps_wrong_conclusion, wrong),  # 0: the steps link
+                                 (misread_steps_true_conclusion, truth),  # 0: the steps link
+                                 (right_steps_wrong_conclusion, truth)]:  # 0: both links
             pairs.append({"question": row["question"], "thinking": thinking, "answer": answer,
                           "label": int(oracle_consistent(thinking, answer))})
     rng.shuffle(pairs)
@@ -631,35 +658,37 @@ def embedded_crm_pairs(split, seed: int) -> list[dict]:
 
 
 def another_misreading(row: dict, rng: random.Random) -> tuple[str, str]:
-    """A consistent thinking (steps and conclusion agree) that concludes neither the true nor the wrong answer
-    of an embedded task, and that conclusion: count -> another count 1-6, bars -> heights whose tallest is the
-    third bar.
+    """A consistent thinking (steps and conclusion agree) that concludes neither the true nor the wrong
+    answer of an embedded task, and that conclusion: count -> another count 1-6, bars -> heights whose tallest
+    is the third bar.
 
-    Example: count, truth 3, wrong 5, k drawn from {1, 2, 4, 6}, say 2 -> ("I count the red shapes: 1, 2. So the
-             answer is 2.", "2").
+    Example: count, truth 3, wrong 5, k drawn from {1, 2, 4, 6}, say 2
+             -> ("I count the red shapes: 1, 2. So the answer is 2.", "2").
     """
+    taken = (row["answer"], row["wrong_answer"])
     if row["family"] == "count":
         colour = row["question"].split()[2]  # "How many red shapes are there?"
-        k = rng.choice([k for k in range(1, 7) if str(k) not in (row["answer"], row["wrong_answer"])])
+        k = rng.choice([k for k in range(1, 7) if str(k) not in taken])
         return count_thinking(colour, k), str(k)
-    third = next(letter for letter in "ABC" if letter not in (row["answer"], row["wrong_answer"]))
+    third = next(letter for letter in "ABC" if letter not in taken)
     heights = rng.sample(range(1, 7), 3)
-    tallest = heights.index(max(heights))
-    heights[tallest], heights["ABC".index(third)] = heights["ABC".index(third)], heights[tallest]
+    tallest, wanted = heights.index(max(heights)), "ABC".index(third)
+    heights[tallest], heights[wanted] = heights[wanted], heights[tallest]  # the third bar is now the tallest
     return bars_thinking(heights), third
 
 
 def step_conclusion_pairs(split) -> list[dict]:
-    """The held-out test of whether the CRM reads the steps: two pairs per task, both with the answer equal to
-    the thinking's conclusion, so only the steps tell them apart:
+    """The held-out test of whether the CRM reads the steps: two pairs per task, both with the answer equal
+    to the thinking's conclusion, so only the steps tell them apart:
       (the consistent chain, true answer) -> 1;
-      a chain whose steps disagree with its conclusion -> 0: even rows keep the right steps and conclude the wrong
-      answer, odd rows keep the misread steps and conclude the true answer (the dangerous kind: right answer,
-      wrong reasoning).
+      a chain whose steps disagree with its conclusion -> 0: even rows keep the right steps and conclude the
+      wrong answer, odd rows keep the misread steps and conclude the true answer (the dangerous kind: the
+      right answer after wrong reasoning).
 
-    Example (bars, heights A 4, B 1, C 6; misread as A 6, B 1, C 4): "Heights: A 4, B 1, C 6. So the answer is C."
-    + C -> 1; even row: "Heights: A 4, B 1, C 6. So the answer is A." + A -> 0; odd row: "Heights: A 6, B 1, C 4.
-    So the answer is C." + C -> 0.
+    Example (bars, heights A 4, B 1, C 6; misread as A 6, B 1, C 4):
+      "Heights: A 4, B 1, C 6. So the answer is C." + C -> 1;
+      even row: "Heights: A 4, B 1, C 6. So the answer is A." + A -> 0;
+      odd row:  "Heights: A 6, B 1, C 4. So the answer is C." + C -> 0.
     """
     pairs = []
     for index, row in enumerate(split):
@@ -688,8 +717,10 @@ def policy_rollouts(cfg: Config, model, processor, split, n_prompts: int, seed: 
         prompt = to_device(encode_prompts(processor, [row_image(split, i, cfg.image_column) for i in chunk],
                                           [split[i][cfg.question_column] for i in chunk]), cfg.device)
         out = model.generate(**prompt, max_new_tokens=cfg.max_new_tokens, do_sample=True, top_k=0, top_p=1.0,
-                             temperature=cfg.crm_rollout_temperature, num_return_sequences=cfg.crm_rollout_samples,
-                             eos_token_id=stop_token_ids(processor), pad_token_id=processor.tokenizer.pad_token_id)
+                             temperature=cfg.crm_rollout_temperature,
+                             num_return_sequences=cfg.crm_rollout_samples,
+                             eos_token_id=stop_token_ids(processor),
+                             pad_token_id=processor.tokenizer.pad_token_id)
         texts = processor.batch_decode(out[:, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
         for j, text in enumerate(texts):
             think, answer = parse_completion(text)
@@ -716,9 +747,10 @@ def kept_positions(sequence_ids: list[int | None], n_question: int, max_length: 
                    max_hypothesis_tokens: int) -> list[int]:
     """The positions of one encoded pair to keep, at most max_length of them; every special token stays.
 
-    sequence_ids: per position None (special token), 0 (premise) or 1 (hypothesis). The hypothesis keeps its
-    first max_hypothesis_tokens. A premise too long for the room left keeps its first min(n_question, room // 2)
-    tokens (the question) and fills the rest from its end (the end of the thinking, where the conclusion sits).
+    sequence_ids: per position None (special token), 0 (premise) or 1 (hypothesis). The hypothesis keeps
+    its first max_hypothesis_tokens. A premise too long for the room left keeps its first
+    min(n_question, room // 2) tokens (the question) and fills the rest from its end (the end of the
+    thinking, where the conclusion sits).
 
     Example: [None, 0, 0, 0, 0, 0, 0, None, 1, 1, None], n_question 2, max_length 8, max_hypothesis_tokens 1:
              hypothesis [8]; room 8 - 3 specials - 1 = 4 for 6 premise tokens: the first 2 and the last 2
@@ -744,23 +776,24 @@ def crm_max_length(tokenizer) -> int:
 
 def encode_pairs(tokenizer, pairs: list[dict], device, max_length: int | None = None,
                  max_hypothesis_tokens: int = 64) -> dict:
-    """premise = question + thinking, hypothesis = 'The final answer is {a}.', at most max_length tokens a pair
-    (None: crm_max_length(tokenizer)), right-padded to the longest pair.
+    """premise = question + thinking, hypothesis = 'The final answer is {a}.', at most max_length tokens a
+    pair (None: crm_max_length(tokenizer)), right-padded to the longest pair.
 
-    A pair that fits is encoded exactly as tokenizer(premise, hypothesis) encodes it. A longer one never raises
-    (a fast tokenizer's own truncation does when the hypothesis alone is too long, e.g. ~130 emoji): the
-    hypothesis, so a long answer, is cut to its first max_hypothesis_tokens tokens, and the premise keeps the
-    question and the end of the thinking (kept_positions), where the conclusion the CRM must read sits. The
-    cut is by tokens, never characters. Right padding: every row's real tokens sit at positions 0..n-1, as
+    A pair that fits is encoded exactly as tokenizer(premise, hypothesis) encodes it. A longer one never
+    raises (a fast tokenizer's own truncation does when the hypothesis alone is too long, e.g. ~130 emoji):
+    the hypothesis, so a long answer, is cut to its first max_hypothesis_tokens tokens, and the premise keeps
+    the question and the end of the thinking (kept_positions), where the conclusion the CRM must read sits.
+    The cut is by tokens, never characters. Right padding: every row's real tokens sit at positions 0..n-1, as
     alone, and a decoder classifier's last real token is the last one before the pads.
     """
     max_length = crm_max_length(tokenizer) if max_length is None else max_length
     if max_length <= tokenizer.num_special_tokens_to_add(pair=True) + max_hypothesis_tokens:
-        raise ValueError(f"max_length={max_length} leaves no room for the premise: it must exceed the special "
-                         f"tokens plus max_hypothesis_tokens={max_hypothesis_tokens}.")
+        raise ValueError(f"max_length={max_length} leaves no room for the premise: it must exceed the "
+                         f"special tokens plus max_hypothesis_tokens={max_hypothesis_tokens}.")
     premises = [f"{p['question']} {p['thinking']}" for p in pairs]
     hypotheses = [crm_hypothesis(p["answer"]) for p in pairs]
-    full = tokenizer(premises, hypotheses, verbose=False)  # untruncated and unpadded: one list of ids per pair
+    # untruncated and unpadded: one list of ids per pair
+    full = tokenizer(premises, hypotheses, verbose=False)
     rows = []
     for i, p in enumerate(pairs):
         row, sequence_ids = {key: values[i] for key, values in full.items()}, full.sequence_ids(i)
@@ -814,11 +847,13 @@ def classification_report(probs: list[float], labels: list[int]) -> dict:
 def step_pairs_report(probs: list[float], pairs: list[dict], train_pairs: list[dict]) -> dict:
     """The CRM on the held-out step-conclusion pairs (step_conclusion_pairs): accuracy and F1, the accuracy on
     each task family, and the share of these (question, thinking, answer) texts that also occur among the
-    training pairs (the embedded templates are few, so a held-out task's text often repeats a training one)."""
+    training pairs (the embedded templates are few, so a held-out task's text often repeats a training
+    one)."""
     report = classification_report(probs, [p["label"] for p in pairs])
     for family in ("count", "bars"):
         in_family = [i for i, p in enumerate(pairs) if p["family"] == family]
-        family_report = classification_report([probs[i] for i in in_family], [pairs[i]["label"] for i in in_family])
+        family_report = classification_report([probs[i] for i in in_family],
+                                              [pairs[i]["label"] for i in in_family])
         report[f"accuracy_{family}"] = family_report["accuracy"] if in_family else None
     seen = {(p["question"], p["thinking"], p["answer"]) for p in train_pairs}
     in_training = sum((p["question"], p["thinking"], p["answer"]) in seen for p in pairs)
@@ -839,7 +874,8 @@ def rollouts_report(probs: list[float], rollouts: dict) -> dict:
             "answer_link_fails": sum(not link["answer"] for link in links),
             "both_links_fail": sum(not link["steps"] and not link["answer"] for link in links),
             "steps_only": len(steps_only),
-            "crm_catches_steps_only": sum(p < 0.5 for p in steps_only) / len(steps_only) if steps_only else None}
+            "crm_catches_steps_only": (sum(p < 0.5 for p in steps_only) / len(steps_only)
+                                       if steps_only else None)}
 
 
 # -------------------------------------------------- 5. main: the stage in order
@@ -889,8 +925,9 @@ def main(cfg: Config) -> dict:
     if not cfg.skip_policy_sft:
         losses = sft_policy(cfg, model, processor, train)
         tenth = max(1, len(losses) // 10)
-        summary["sft_loss"] = {"first_10pct": sum(losses[:tenth]) / tenth, "last_10pct": sum(losses[-tenth:]) / tenth}
-        print(f"SFT loss: {summary['sft_loss']['first_10pct']:.3f} -> {summary['sft_loss']['last_10pct']:.3f}")
+        first, last = sum(losses[:tenth]) / tenth, sum(losses[-tenth:]) / tenth
+        summary["sft_loss"] = {"first_10pct": first, "last_10pct": last}
+        print(f"SFT loss: {first:.3f} -> {last:.3f}")
     save_folder_atomic(new / "policy_sft", model, processor)
     with autocast(cfg.device, dtype):
         summary["policy_check"] = greedy_check(cfg, model, processor, test, cfg.eval_n, embedded)
@@ -902,8 +939,8 @@ def main(cfg: Config) -> dict:
         train_pairs, test_pairs = held_out_split(crm_rows, cfg.seed)
     elif embedded:  # templates with hard negatives, plus the SFT policy's rollouts judged by the oracle
         with autocast(cfg.device, dtype):
-            rollouts = {name: oracle_labelled(policy_rollouts(cfg, model, processor, split, n, cfg.seed))
-                        for name, split, n in [("train", train, cfg.crm_rollout_prompts), ("test", test, len(test))]}
+            for name, split, n in [("train", train, cfg.crm_rollout_prompts), ("test", test, len(test))]:
+                rollouts[name] = oracle_labelled(policy_rollouts(cfg, model, processor, split, n, cfg.seed))
         train_pairs = embedded_crm_pairs(train, cfg.seed) + rollouts["train"]
         random.Random(cfg.seed).shuffle(train_pairs)
         test_pairs = embedded_crm_pairs(test, cfg.seed)
@@ -951,9 +988,10 @@ def main(cfg: Config) -> dict:
     if embedded:
         links = "n/a (nothing parsed)"
         if check["oracle_steps_fail_rate"] is not None:
-            links = (f"steps {check['oracle_steps_fail_rate']:.1%}, answer {check['oracle_answer_fail_rate']:.1%} "
-                     f"of the parsed replies")
-        print(f"  oracle inconsistency rate {check['oracle_inconsistency_rate']:.1%}; links that fail: {links}")
+            links = (f"steps {check['oracle_steps_fail_rate']:.1%}, "
+                     f"answer {check['oracle_answer_fail_rate']:.1%} of the parsed replies")
+        print(f"  oracle inconsistency rate {check['oracle_inconsistency_rate']:.1%}; "
+              f"links that fail: {links}")
     print(f"  e.g. {check['example']!r}")
     if "judge" in summary:
         j = summary["judge"]
@@ -967,9 +1005,10 @@ def main(cfg: Config) -> dict:
     print(f"CRM on {report['n']} held-out pairs: accuracy {report['accuracy']:.1%}, F1 {report['f1']:.3f}")
     if "crm_on_step_pairs" in summary:
         s = summary["crm_on_step_pairs"]
-        print(f"CRM on {s['n']} held-out step-conclusion pairs (answer = conclusion; half of them with steps "
-              f"that disagree): accuracy {s['accuracy']:.1%}, F1 {s['f1']:.3f} (count {s['accuracy_count']:.1%}, "
-              f"bars {s['accuracy_bars']:.1%}; {s['seen_in_training']:.0%} of these texts also occur in training)")
+        print(f"CRM on {s['n']} held-out step-conclusion pairs (answer = conclusion; half of them with "
+              f"steps that disagree): accuracy {s['accuracy']:.1%}, F1 {s['f1']:.3f}")
+        print(f"  count {s['accuracy_count']:.1%}, bars {s['accuracy_bars']:.1%}; "
+              f"{s['seen_in_training']:.0%} of these texts also occur among the training pairs")
     if "crm_on_policy_rollouts" in summary:
         r = summary["crm_on_policy_rollouts"]
         caught = "n/a" if r["crm_catches_steps_only"] is None else f"{r['crm_catches_steps_only']:.1%}"
@@ -984,8 +1023,8 @@ def main(cfg: Config) -> dict:
 
 # ============================================================================================================
 # Appendix A: the embedded toy world (skip on a first reading)
-# Two task families drawn with Pillow, a byte-level BPE trained on their texts, and the tiny random models that
-# stand in for Qwen2-VL and ModernBERT-large: the whole stage runs offline, on a CPU, in minutes.
+# Two task families drawn with Pillow, a byte-level BPE trained on their texts, and the tiny random models
+# that stand in for Qwen2-VL and ModernBERT-large: the whole stage runs offline, on a CPU.
 # ============================================================================================================
 
 
@@ -1019,9 +1058,10 @@ def draw_bars_task(rng: random.Random, size: int) -> tuple[Image.Image, list[int
     for i, h in enumerate(heights):
         x = 6 + i * (width + size // 10)
         draw.rectangle([x, size - 4 - h * unit, x + width, size - 4], fill=(60, 60, 60))
-    tallest, other = heights.index(max(heights)), rng.choice([i for i in range(3) if heights[i] != max(heights)])
-    misread = list(heights)
-    misread[tallest], misread[other] = misread[other], misread[tallest]  # a misreading that changes the winner
+    tallest = heights.index(max(heights))
+    other = rng.choice([i for i in range(3) if heights[i] != max(heights)])
+    misread = list(heights)  # a misreading that changes the winner: the tallest swapped with another bar
+    misread[tallest], misread[other] = misread[other], misread[tallest]
     return image, heights, misread
 
 
@@ -1058,7 +1098,10 @@ def make_task(rng: random.Random, size: int, inconsistent_frac: float) -> dict:
     thinking, answer = right_thinking, truth
     if rng.random() < inconsistent_frac:
         kind = rng.choice(["right_thinking_wrong_answer", "wrong_thinking_right_answer"])
-        thinking, answer = (right_thinking, wrong_answer) if kind.startswith("right") else (wrong_thinking, truth)
+        if kind == "right_thinking_wrong_answer":
+            thinking, answer = right_thinking, wrong_answer
+        else:
+            thinking, answer = wrong_thinking, truth
     return {
         "image": image, "question": question, "answer": truth, "family": family,
         "solution": format_completion(right_thinking, truth),  # the consistent, correct trace
@@ -1094,7 +1137,8 @@ QWEN2VL_CHAT_TEMPLATE = (
     "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
     "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content %}"
     "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
-    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
 
@@ -1103,7 +1147,8 @@ def tokenizer_corpus(seed: int) -> list[str]:
     texts = [SYSTEM_PROMPT, INSTRUCTION, "system user assistant", "The final answer is"]
     for _ in range(3000):
         task = make_task(rng, 84, 0.0)
-        texts += [task["question"] + INSTRUCTION, task["solution"], task["wrong_thinking"], f"The final answer is {task['answer']}."]
+        texts += [task["question"] + INSTRUCTION, task["solution"], task["wrong_thinking"],
+                  f"The final answer is {task['answer']}."]
     return texts
 
 
@@ -1129,8 +1174,9 @@ def build_tiny_policy(folder: Path, seed: int, bpe) -> None:
                               Qwen2VLImageProcessorPil, Qwen2VLProcessor, Qwen2VLVideoProcessor)
 
     model_json = json.loads(bpe.to_str())["model"]
-    tokenizer = Qwen2Tokenizer(vocab=model_json["vocab"], merges=[tuple(m) for m in model_json["merges"]], unk_token=None,
-                               eos_token="<|im_end|>", pad_token="<|endoftext|>", padding_side="left")
+    tokenizer = Qwen2Tokenizer(vocab=model_json["vocab"], merges=[tuple(m) for m in model_json["merges"]],
+                               unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                               padding_side="left")
     tokenizer.add_tokens(SPECIAL_TOKENS, special_tokens=True)
     tokenizer.add_tokens(REASONING_TAGS)  # atomic, but not special: they survive skip_special_tokens
     image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112},
@@ -1139,10 +1185,13 @@ def build_tiny_policy(folder: Path, seed: int, bpe) -> None:
                                  video_processor=Qwen2VLVideoProcessor(), chat_template=QWEN2VL_CHAT_TEMPLATE)
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6], "rope_theta": 1e6},
-                         initializer_range=0.02, bos_token_id=None, eos_token_id=ids("<|im_end|>"), pad_token_id=ids("<|endoftext|>")),
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=512,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024,
+                         rope_parameters={"rope_type": "default", "mrope_section": [4, 6, 6],
+                                          "rope_theta": 1e6},
+                         initializer_range=0.02, bos_token_id=None, eos_token_id=ids("<|im_end|>"),
+                         pad_token_id=ids("<|endoftext|>")),
         vision_config=dict(depth=2, embed_dim=64, hidden_size=128, num_heads=4, mlp_ratio=2, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
@@ -1156,8 +1205,8 @@ def build_tiny_policy(folder: Path, seed: int, bpe) -> None:
 def build_tiny_crm(folder: Path, seed: int, bpe) -> None:
     """A 0.4M-parameter ModernBERT classifier (random init) with a [CLS] a [SEP] b [SEP] tokenizer.
 
-    Its tokenizer is a copy of `bpe` with four special tokens and a pair template added: `bpe` itself, which the
-    policy's tokenizer is made from too, is left as it was."""
+    Its tokenizer is a copy of `bpe` with four special tokens and a pair template added: `bpe` itself, which
+    the policy's tokenizer is made from too, is left as it was."""
     from tokenizers import Tokenizer
     from tokenizers.processors import TemplateProcessing
     from transformers import ModernBertConfig, ModernBertForSequenceClassification, PreTrainedTokenizerFast
@@ -1173,7 +1222,8 @@ def build_tiny_crm(folder: Path, seed: int, bpe) -> None:
     config = ModernBertConfig(vocab_size=bpe.get_vocab_size(), hidden_size=128, intermediate_size=256,
                               num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512,
                               global_attn_every_n_layers=1, pad_token_id=bpe.token_to_id("[PAD]"),
-                              cls_token_id=cls_id, sep_token_id=sep_id, bos_token_id=cls_id, eos_token_id=sep_id,
+                              cls_token_id=cls_id, sep_token_id=sep_id, bos_token_id=cls_id,
+                              eos_token_id=sep_id,
                               classifier_pooling="cls", num_labels=2, id2label=CRM_LABELS,
                               label2id={v: k for k, v in CRM_LABELS.items()})
     torch.manual_seed(seed)
@@ -1183,8 +1233,8 @@ def build_tiny_crm(folder: Path, seed: int, bpe) -> None:
 
 # ============================================================================================================
 # Appendix B: small shared helpers (skip on a first reading)
-# Atomic files and the run folder, the command line, real datasets checked row by row, the CRM tried before any
-# SFT, and the LLM judge's plumbing: what keeps a real run safe, not what the stage teaches.
+# Atomic files and the run folder, the command line, real datasets checked row by row, the CRM tried before
+# any SFT, and the LLM judge's plumbing: what keeps a real run safe, not what the stage teaches.
 # ============================================================================================================
 
 
@@ -1215,16 +1265,16 @@ def save_folder_atomic(folder: Path, *objects) -> None:
     tmp.rename(folder)
 
 
-# Stage 1's outputs under runs/<run>/. A run writes them all into runs/<run>/stage1.new/ and moves them in only
-# when it is complete (replace_run), so a rerun that fails, early or after an hour, leaves the earlier finished
-# run as it was. stage1.json, the marker of a finished stage 1, leaves first and arrives last.
+# Stage 1's outputs under runs/<run>/. A run writes them all into runs/<run>/stage1.new/ and moves them in
+# only when it is complete (replace_run), so a rerun that fails, early or after an hour, leaves the earlier
+# finished run as it was. stage1.json, the marker of a finished stage 1, leaves first and arrives last.
 STAGE1_OUTPUTS = ["data", "policy_init", "crm_init", "policy_sft", "crm", "crm_data.jsonl"]
 
 
 def replace_run(run_dir: Path, new: Path) -> None:
-    """Move a complete stage 1 from `new` into run_dir: drop the old marker, swap every output (one absent from
-    `new` is removed, so nothing stale stays), then move the new stage1.json in. A kill in between leaves no
-    marker (later stages then ask for stage 1 again), never a marker beside another run's folders."""
+    """Move a complete stage 1 from `new` into run_dir: drop the old marker, swap every output (one absent
+    from `new` is removed, so nothing stale stays), then move the new stage1.json in. A kill in between leaves
+    no marker (later stages then ask for stage 1 again), never a marker beside another run's folders."""
     (run_dir / "stage1.json").unlink(missing_ok=True)
     for name in STAGE1_OUTPUTS:
         old = run_dir / name
@@ -1262,7 +1312,8 @@ def read_jsonl(path: Path, drop_cut_last_line: bool = False) -> list[dict]:
 
 def read_stage1(run_dir: Path) -> dict:
     """Stage 1's summary; its "config" names the data columns every later stage reads."""
-    return json.loads(require(run_dir / "stage1.json", f"python 01_sft_rm.py --run {run_dir.name}").read_text())
+    path = require(run_dir / "stage1.json", f"python 01_sft_rm.py --run {run_dir.name}")
+    return json.loads(path.read_text())
 
 
 def require(path: Path, made_by: str) -> Path:
@@ -1274,8 +1325,11 @@ def require(path: Path, made_by: str) -> Path:
 
 # B.2 the command line: a flag per Config field, its comment as --help
 def field_comments(config_class) -> dict[str, str]:
-    """Each field's one-line comment in the class's own source: {"sft_steps": "optimiser steps of policy SFT"}.
-    Read with the tokenize module, so a "#" inside a default string is not taken for a comment."""
+    """Each field's one-line comment in the class's own source, read with the tokenize module (so a "#"
+    inside a default string is not taken for a comment).
+
+    Example: {"sft_steps": "optimiser steps of policy SFT", ...}
+    """
     import inspect
     import io
     import tokenize
@@ -1305,7 +1359,8 @@ def parse_config(config_class, description: str, argv=None):
         if field.type is bool:
             parser.add_argument(flag, action="store_true", help=text)
         else:
-            kinds = [t for t in typing.get_args(field.type) if t is not type(None)] or [field.type]  # int|None
+            # int | None -> int
+            kinds = [t for t in typing.get_args(field.type) if t is not type(None)] or [field.type]
             parser.add_argument(flag, type={int: int, float: float}.get(kinds[0], str), default=field.default,
                                 help=f"{text} (default: %(default)s)")
     return config_class(**vars(parser.parse_args(argv)))
@@ -1319,8 +1374,9 @@ def dataset_columns(cfg: Config) -> list[str]:
 
 
 def check_jsonl_dataset(cfg: Config, path: str) -> None:
-    """A JSONL --dataset read line by line first: a broken line, a row that is not an object or lacks a column,
-    or a file with no rows stops here with the file and the line named (datasets' own errors name neither)."""
+    """A JSONL --dataset read line by line first: a broken line, a row that is not an object or lacks a
+    column, or a file with no rows stops here with the file and the line named (datasets' own errors name
+    neither)."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
@@ -1409,8 +1465,8 @@ def check_dataset(cfg: Config, train, test, train_split: str, test_split: str) -
         empty = train_split if len(train) == 0 else test_split
         raise SystemExit(f"--dataset {cfg.dataset}: split '{empty}' is empty.")
     if not cfg.skip_policy_sft and len(train) < cfg.sft_batch_size:
-        raise SystemExit(f"--sft-batch-size {cfg.sft_batch_size}: the train split has only {len(train)} rows; "
-                         f"pass at most {len(train)}.")
+        raise SystemExit(f"--sft-batch-size {cfg.sft_batch_size}: the train split has only "
+                         f"{len(train)} rows; pass at most {len(train)}.")
     for split, ds in [(train_split, train), (test_split, test)]:
         for column in dataset_columns(cfg)[1:]:
             for index, value in enumerate(ds[column]):
@@ -1457,8 +1513,8 @@ def check_crm(cfg: Config, crm_path: str) -> None:
         raise SystemExit(f"--crm-max-length {cfg.crm_max_length}: {crm_path} reads at most {positions} "
                          f"positions; pass at most {positions}.")
     if not tokenizer.is_fast:
-        raise SystemExit(f"--crm {crm_path}: its tokenizer is not a fast (tokenizers) one; encode_pairs needs "
-                         f"the pair's sequence ids to cut a long thinking.")
+        raise SystemExit(f"--crm {crm_path}: its tokenizer is not a fast (tokenizers) one; "
+                         f"encode_pairs needs the pair's sequence ids to cut a long thinking.")
     conclusion = "So the answer is 7."
     question = "How many red shapes are there?"
     pairs = [{"question": question, "thinking": "1, 2. So the answer is 2.", "answer": "2"},
@@ -1493,7 +1549,8 @@ def read_crm_jsonl(path: str) -> list[dict]:
         try:
             row = json.loads(line)
             label = row["label"]
-            label = {"inconsistent": 0, "consistent": 1}.get(label, label) if isinstance(label, str) else label
+            if isinstance(label, str):
+                label = {"inconsistent": 0, "consistent": 1}.get(label, label)
             if label not in (0, 1, True, False):
                 raise ValueError(f"label {row['label']!r} is not 0/1/consistent/inconsistent")
             rows.append({"question": str(row["question"]), "thinking": str(row["thinking"]),
@@ -1513,8 +1570,8 @@ def check_crm_rows(rows: list[dict], source: str) -> None:
 
 
 def judge_rows(cfg: Config, rows: list[dict], run_dir: Path) -> tuple[list[dict], dict]:
-    """Rows labelled by the LLM judge of --judge (a local model on cfg.device) or --judge-url (an endpoint; its
-    replies cached in runs/<run>/judge_cache.jsonl, so a killed run asks only for the rest). Unparseable
+    """Rows labelled by the LLM judge of --judge (a local model on cfg.device) or --judge-url (an endpoint;
+    its replies cached in runs/<run>/judge_cache.jsonl, so a killed run asks only for the rest). Unparseable
     verdicts are counted in the stats and dropped (adapters/judge.py)."""
     from adapters import judge as judges
 
@@ -1529,7 +1586,8 @@ def judge_rows(cfg: Config, rows: list[dict], run_dir: Path) -> tuple[list[dict]
 
 def check_judge(cfg: Config, run_dir: Path) -> None:
     """The judge tried before any SFT: a local judge's config and tokenizer load (the model itself loads after
-    SFT, when the GPU is free); an endpoint answers one request (a wrong URL, model name or key fails here)."""
+    SFT, when the GPU is free); an endpoint answers one request, so a wrong URL, model name or key fails
+    here."""
     if cfg.judge:
         from transformers import AutoConfig, AutoTokenizer
         try:
@@ -1549,6 +1607,6 @@ def check_judge(cfg: Config, run_dir: Path) -> None:
                              f"({error}). Check the URL, the model name and ${cfg.judge_api_key_env}.")
 
 
-# The entry point stays last: every name above exists by the time main() runs (Python looks names up at call time).
+# The entry point stays last: every name above exists by the time main() runs.
 if __name__ == "__main__":
     main(parse_config(Config, __doc__.split("\n")[0]))
