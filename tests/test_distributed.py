@@ -110,7 +110,7 @@ def test_two_ranks_give_the_one_process_update(runs, mode, one):
     # one line per step, averaged over ranks: the same rewards (whole groups on each rank) and loss as one process
     row_one, row_two = stage1.read_jsonl(runs / one / "metrics.jsonl"), stage1.read_jsonl(runs / mode / "metrics.jsonl")
     assert len(row_two) == 1 and row_two[0]["step"] == 1
-    for key in ("reward_task", "reward_consistency", "accuracy", "completion_length", "zero_variance_groups"):
+    for key in ("reward_task", "reward_consistency", "accuracy", "completion_length", "constant_task_groups", "zero_advantage_groups"):
         assert row_two[0][key] == pytest.approx(row_one[0][key], abs=1e-6), key
     assert row_two[0]["loss"] == pytest.approx(row_one[0]["loss"], abs=1e-6)
 

@@ -70,7 +70,7 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tiny_run):
     assert [r["reward_task"] for r in rows] == [r["reward_task"] for r in straight]
     expected = {"reward_format", "reward_accuracy", "reward_consistency", "accuracy", "format_rate", "crm_consistency",
                 "oracle_inconsistency_rate", "kl", "clipped", "entropy", "completion_length", "truncation_rate",
-                "zero_variance_groups", "loss", "beta_t", "lr"}
+                "constant_task_groups", "zero_advantage_groups", "loss", "beta_t", "lr"}
     assert expected <= set(rows[0])
 
 
