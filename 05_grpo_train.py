@@ -197,9 +197,9 @@ def shared_prompt_logprobs(model, prompt: dict, completion_ids: torch.Tensor, co
     not N) runs once and keeps each layer's keys and values (B, H_kv, P, D); those are copied to the N rows,
     and the completions (N, L) run on top of them as the sampler's decode does, attending to the copies. The
     same attention over the same keys, so the same log-probs (a test checks value and gradient); the gradient
-    reaching a copy flows back into its prompt's one forward. On the embedded default the prompt is ~63 of the
-    row's ~95 tokens, so the update does ~60 % less work. Needs the KV cache in training, which transformers
-    turns off under gradient checkpointing: batch_logprobs then uses completion_logprobs.
+    reaching a copy flows back into its prompt's one forward. What it saves grows with the prompt's share of a
+    row's tokens (the README measures it). Needs the KV cache in training, which transformers turns off under
+    gradient checkpointing: batch_logprobs then uses completion_logprobs.
     visual: as in completion_logprobs, one entry per prompt (not per row).
     """
     from transformers import DynamicCache
@@ -392,8 +392,7 @@ def enable_checkpointing(model) -> None:
     checkpointing, which works when the input embeddings need no gradient, as with LoRA).
     transformers also hooks the input embeddings to mark their output as requiring a gradient, which only
     reentrant checkpointing needs; the hook calls requires_grad_() inside the forward, which torch.compile cannot
-    trace, so the fast sampler's step fell back to eager (measured on an H200: 58 s per 3B LoRA rollout instead of
-    compiled). We remove the hook."""
+    trace, so the fast sampler's step fell back to eager (the README's GPU section). We remove the hook."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     stage1.unwrap(model).disable_input_require_grads()
 
@@ -623,6 +622,8 @@ def step_metrics(scores: list[dict], crm_probs: list[float], lengths, truncated,
             "accuracy": mean("accuracy"), "format_rate": sum(s["format"] > 0 for s in scores) / n,
             "crm_consistency": sum(crm_probs) / n,
             "oracle_inconsistency_rate": share_failing("oracle_consistent"),
+            "oracle_steps_failing": share_failing("oracle_steps"),  # steps do not imply the conclusion
+            "oracle_answer_failing": share_failing("oracle_answer"),  # the answer is not the conclusion
             "entropy": float(-(old_logprobs * mask).sum() / mask.sum()),  # sample estimate of the token entropy
             "completion_length": float(lengths.float().mean()), "truncation_rate": float(truncated.float().mean()),
             **stage4.zero_variance_stats(task, advantages, group_size)}
@@ -753,7 +754,7 @@ def main(cfg: Config) -> dict:
         losses = update(cfg, model, reference, optimizer, scheduler, prompt, ids, mask, old_logprobs, advantages,
                         step + 1)
 
-        crm_probs = [s["consistency"] / cfg.lambda_cons if cfg.lambda_cons else 0.0 for s in scores]
+        crm_probs = [s["crm_prob"] for s in scores]  # P(consistent) itself, whatever lambda_cons
         row = {"step": step + 1, **step_metrics(scores, crm_probs, mask.sum(1), truncated, task, advantages,
                                                  cfg.group_size, old_logprobs, mask),
                **losses, "beta_t": beta_t, "lr": lr, "seconds": round(time.time() - started, 2)}

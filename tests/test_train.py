@@ -69,9 +69,18 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tiny_run):
     straight = stage1.read_jsonl(tiny_run["dir"] / "straight" / "metrics.jsonl")
     assert [r["reward_task"] for r in rows] == [r["reward_task"] for r in straight]
     expected = {"reward_format", "reward_accuracy", "reward_consistency", "accuracy", "format_rate", "crm_consistency",
-                "oracle_inconsistency_rate", "kl", "clipped", "entropy", "completion_length", "truncation_rate",
+                "oracle_inconsistency_rate", "oracle_steps_failing", "oracle_answer_failing", "kl", "clipped", "entropy", "completion_length", "truncation_rate",
                 "constant_task_groups", "zero_advantage_groups", "loss", "beta_t", "lr"}
     assert expected <= set(rows[0])
+
+
+def test_lambda_zero_still_logs_the_crm_probability(tiny_run):
+    """--lambda-cons 0 zeroes the reward r_cons, not what the CRM says: crm_consistency is P(consistent) itself
+    (it used to be r_cons / lambda, which read 0 at lambda 0)."""
+    stage5.main(small_train_config(tiny_run, name="lambda0", steps=1, kl_beta=0.0, lambda_cons=0.0, advantage="sum"))
+    row = stage1.read_jsonl(tiny_run["dir"] / "lambda0" / "metrics.jsonl")[0]
+    assert row["reward_consistency"] == 0.0  # the reward: lambda * p = 0
+    assert row["crm_consistency"] > 0.0  # the SFT policy's rollouts: the CRM calls many of them consistent
 
 
 def test_grpo_improves_the_reward_on_a_trivially_learnable_case(tiny_run, tmp_path):
