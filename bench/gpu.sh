@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Every GPU figure of the project, in one command on a bare GPU machine with this repository (~9 min on one H200).
+# Every GPU figure of the project, on a bare GPU machine with this repository.
 #
-#   bash bench/gpu.sh                 # all parts: smoke, rollout, real
+#   bash bench/gpu.sh                 # all parts: smoke, rollout, update, real
 #   bash bench/gpu.sh smoke real      # some of them
+#
+# Time (one H200, 2026-11-26): smoke's stages 1-5 took 3 min 40 s (stage 6 did not finish in the time left);
+# real's three settings need over 5 min. All parts do not fit one 10-minute device call: run
+# `bash bench/gpu.sh real update` and `bash bench/gpu.sh smoke rollout` as two calls.
 #
 # Parts:
 #   smoke    every stage on CUDA with the embedded default (a short stage 1, stages 2-4, a short run of each
 #            method, stage 6): no stage had run on a GPU before this script.
 #   rollout  bench/bench_rollout.py at the Qwen2-VL-2B shape: ours-simple, ours-fast, generate, generate static.
+#   update   bench/bench_update.py at the Qwen2-VL-2B shape: the update's forward + backward with each prompt run
+#            once per group against once per row.
 #   real     bench/real_size.py: two GRPO steps at the Qwen2.5-VL-3B and -7B shapes (random weights) with the
 #            memory plan's recommended flags: peak memory next to the plan, seconds per step, and the bf16
 #            gap between the sampler's log-probs and the update's.
@@ -20,7 +26,7 @@ cd "$(dirname "$0")/.."
 LOGS=${OUT:-runs/gpu}
 mkdir -p "$LOGS"
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 TQDM_MININTERVAL=5
-PARTS=${*:-smoke rollout real}
+PARTS=${*:-smoke rollout update real}
 
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
@@ -56,9 +62,12 @@ for p in $PARTS; do
     rollout)
       part rollout python3 bench/bench_rollout.py --shape 2b --new-tokens 256 --quick --static-batches 64
       ;;
+    update)
+      part update python3 bench/bench_update.py --shape 2b --new-tokens 512
+      ;;
     real)
       part real python3 bench/real_size.py
       ;;
-    *) echo "unknown part $p (smoke, rollout, real)"; exit 2 ;;
+    *) echo "unknown part $p (smoke, rollout, update, real)"; exit 2 ;;
   esac
 done
