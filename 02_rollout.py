@@ -59,8 +59,9 @@ class Config:
     top_p: float = 1.0  # keep the smallest set with this much probability (1 = off)
     seed: int = 0  # seeds prompt choice and sampling
     dtype: str = "auto"  # compute precision: auto = bf16 on CUDA, fp32 on CPU (01_sft_rm.compute_dtype)
-    fast: str = "auto"  # on = sample_completions_fast, off = the simple loop, auto = on for CUDA only (on a CPU
-    # the tiny policy's step costs about the same either way, so the readable loop stays the one that runs)
+    fast: str = "auto"  # on = sample_completions_fast, off = the simple loop, auto = on for CUDA only
+    # (on a CPU the tiny policy's step costs about the same either way, so the readable loop stays the one
+    # that runs)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the policy runs
 
 
@@ -106,7 +107,8 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (N, V)
         cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)  # (N, V)
-        drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p  # mass before it already >= p
+        # mass before it already >= p
+        drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -131,7 +133,8 @@ def next_tokens(logits: torch.Tensor, forbidden_ids: list[int], temperature: flo
 @torch.no_grad()
 def sample_completions(model, prompt: dict, group_size: int, max_new_tokens: int, stop_ids: list[int],
                        forbidden_ids: list[int], pad_id: int, temperature: float = 1.0, top_k: int = 0,
-                       top_p: float = 1.0, generator: torch.Generator | None = None, stop_check_every: int = 4):
+                       top_p: float = 1.0, generator: torch.Generator | None = None,
+                       stop_check_every: int = 4):
     """Sample group_size completions for each of the B prompts; rows k*G ... k*G+G-1 belong to prompt k.
 
     prompt: encode_prompts output on the model's device (left padded).
@@ -146,7 +149,8 @@ def sample_completions(model, prompt: dict, group_size: int, max_new_tokens: int
     cache.batch_repeat_interleave(G)  # 2. (B, ...) -> (B * G, ...): each prompt's cache copied G times
     logits = out.logits[:, -1].repeat_interleave(G, dim=0)  # (N, V)
     attention_mask = prompt["attention_mask"].repeat_interleave(G, dim=0)  # (N, P)
-    next_position = positions[:, :, -1:].repeat_interleave(G, dim=1) + 1  # (3, N, 1): left padding -> last is real
+    # (3, N, 1): left padding -> the last position is real
+    next_position = positions[:, :, -1:].repeat_interleave(G, dim=1) + 1
 
     N, device = B * G, logits.device
     ids = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (N, L)
@@ -155,7 +159,8 @@ def sample_completions(model, prompt: dict, group_size: int, max_new_tokens: int
     finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
     stop, cache_name = torch.tensor(stop_ids, device=device), cache_kwarg(model)
     for t in range(max_new_tokens):  # 3. decode
-        token, recorded = next_tokens(logits, forbidden_ids, temperature, top_k, top_p, generator)  # (N,), (N, V)
+        # token (N,), recorded (N, V)
+        token, recorded = next_tokens(logits, forbidden_ids, temperature, top_k, top_p, generator)
         token = torch.where(finished, pad_id, token)  # finished rows only pad
         ids[:, t], mask[:, t] = token, (~finished).long()
         logprobs[:, t] = recorded.gather(-1, token.unsqueeze(-1)).squeeze(-1) * (~finished)
@@ -173,11 +178,11 @@ def sample_completions(model, prompt: dict, group_size: int, max_new_tokens: int
 
 
 # ----------------------------------------------------------------------------- the fast path
-# The loop above launches a few hundred small kernels per token from Python and grows its cache by concatenation:
-# on a GPU the step waits on those launches, not on memory (`python bench/bench_rollout.py --profile` shows it).
-# The fast path keeps steps 1-4 and changes only how a step runs: every tensor the decode step touches is
-# allocated once, with a fixed shape and a fixed address, so torch.compile compiles the step once and, on CUDA,
-# records it as one CUDA graph that replays in a single launch.
+# The loop above launches a few hundred small kernels per token from Python and grows its cache by
+# concatenation: on a GPU the step waits on those launches, not on memory (`python bench/bench_rollout.py
+# --profile` shows it). The fast path keeps steps 1-4 and changes only how a step runs: every tensor the
+# decode step touches is allocated once, with a fixed shape and a fixed address, so torch.compile compiles
+# the step once and, on CUDA, records it as one CUDA graph that replays in a single launch.
 class SlotCache:
     """A KV cache preallocated as N rows x W slots per layer; `update` writes the slot `self.slot` holds.
 
@@ -185,16 +190,18 @@ class SlotCache:
     update(key, value, layer_idx) (with the mask prepared and the positions given, nothing else is asked).
     """
 
-    def __init__(self, layers: int, rows: int, kv_heads: int, width: int, head_dim: int, key_dtype, value_dtype,
-                 device):
+    def __init__(self, layers: int, rows: int, kv_heads: int, width: int, head_dim: int, key_dtype,
+                 value_dtype, device):
         self.keys = [torch.zeros(rows, kv_heads, width, head_dim, dtype=key_dtype, device=device)
                      for _ in range(layers)]  # per layer (N, H_kv, W, D)
         self.values = [torch.zeros(rows, kv_heads, width, head_dim, dtype=value_dtype, device=device)
                        for _ in range(layers)]  # per layer (N, H_kv, W, D)
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # (1,): where this step's key and value go
+        # (1,): where this step's key and value go
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs):
-        """key, value: (N, H_kv, 1, D), written in place -> the layer's whole (N, H_kv, W, D) keys and values."""
+        """key, value: (N, H_kv, 1, D), written in place -> the layer's whole (N, H_kv, W, D) keys and
+        values."""
         self.keys[layer_idx].index_copy_(2, self.slot, key)
         self.values[layer_idx].index_copy_(2, self.slot, value)
         return self.keys[layer_idx], self.values[layer_idx]
@@ -203,38 +210,46 @@ class SlotCache:
 class StaticDecoder:
     """The fast path's decode state for N rows and W slots, and the one-token step compiled over it.
 
-    Slots of a row: [0, P) its prompt (left padding masked out), P + t the token fed at step t, the rest masked
-    until used. The step's inputs (token, mRoPE position, mask, cache) are preallocated buffers updated in place,
-    so it compiles once per (N, W) and is reused by every later call of that shape (see decoder_for).
+    Slots of a row: [0, P) its prompt (left padding masked out), P + t the token fed at step t, the rest
+    masked until used. The step's inputs (token, mRoPE position, mask, cache) are preallocated buffers
+    updated in place, so it compiles once per (N, W) and is reused by every later call of that shape (see
+    decoder_for).
     """
 
     def __init__(self, model, prefill_cache, rows: int, width: int, compile_mode: str | None):
         attention = model.config._attn_implementation
         if attention not in ("sdpa", "eager"):
-            raise ValueError(f"the fast sampler builds its own attention mask for sdpa or eager attention, not "
-                             f"{attention!r}: load the model with attn_implementation='sdpa', or use --fast off")
+            raise ValueError(f"the fast sampler builds its own attention mask for sdpa or eager attention, "
+                             f"not {attention!r}: load the model with attn_implementation='sdpa', "
+                             f"or use --fast off")
         first = prefill_cache.layers[0]
         _, kv_heads, _, head_dim = first.keys.shape
         device = first.keys.device
         self.cache = SlotCache(len(prefill_cache.layers), rows, kv_heads, width, head_dim, first.keys.dtype,
                                first.values.dtype, device)  # dtypes as the prefill's (autocast may mix them)
-        self.mask = torch.zeros(rows, 1, 1, width, dtype=torch.bool, device=device)  # (N, 1, 1, W): True = attend
-        self.token = torch.zeros(rows, 1, dtype=torch.long, device=device)  # (N, 1): the token fed
-        self.position = torch.zeros(3, rows, 1, dtype=torch.long, device=device)  # (3, N, 1): its mRoPE position
+        # the step's inputs: mask (N, 1, 1, W), True = attend; token (N, 1), the token fed;
+        # position (3, N, 1), its mRoPE position
+        self.mask = torch.zeros(rows, 1, 1, width, dtype=torch.bool, device=device)
+        self.token = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(3, rows, 1, dtype=torch.long, device=device)
         if compile_mode is not None:
-            buffers = [self.mask, self.token, self.position, self.cache.slot, *self.cache.keys, *self.cache.values]
+            buffers = [self.mask, self.token, self.position, self.cache.slot,
+                       *self.cache.keys, *self.cache.values]
             for buffer in buffers:
                 torch._dynamo.mark_static_address(buffer)  # a CUDA graph reads these addresses, never copies
         self.model, self.cache_name, self.additive = model, cache_kwarg(model), attention == "eager"
         self.prompt_length = 0
         started = time.perf_counter()
         self.compile_mode = self.compile(compile_mode)
-        self.setup_seconds = time.perf_counter() - started  # compile + CUDA-graph capture, paid once per shape
+        # compile + CUDA-graph capture, paid once per shape
+        self.setup_seconds = time.perf_counter() - started
 
     def forward(self, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """token (N, 1), position (3, N, 1), mask (N, 1, 1, W) -> next logits (N, V); writes one cache slot."""
+        """token (N, 1), position (3, N, 1), mask (N, 1, 1, W) -> next logits (N, V); writes one cache
+        slot."""
         if self.additive:  # eager attention adds its mask to the scores
-            mask = torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+            mask = torch.zeros(mask.shape, device=mask.device).masked_fill(
+                ~mask, torch.finfo(torch.float32).min)
         out = self.model(input_ids=token, attention_mask={"full_attention": mask}, position_ids=position,
                          use_cache=True, **{self.cache_name: self.cache})  # a dict mask is used as given
         return out.logits[:, -1]
@@ -249,8 +264,9 @@ class StaticDecoder:
 
         fallbacks = [mode] + (["default"] if mode == "reduce-overhead" else []) + [None]
         for candidate in fallbacks:
+            # fixed shapes, one graph, no breaks
             self.compiled = None if candidate is None else torch.compile(
-                self.forward, mode=candidate, dynamic=False, fullgraph=True)  # fixed shapes, one graph, no breaks
+                self.forward, mode=candidate, dynamic=False, fullgraph=True)
             skipped = counters["inductor"]["cudagraph_skips"]
             try:
                 self.mask[:, 0, 0, 0] = True  # a dummy row to attend to; start() overwrites all of it
@@ -261,18 +277,20 @@ class StaticDecoder:
                     raise
                 print(f"\n{'!' * 100}\nWARNING: the fast sampler's decode step failed under torch.compile "
                       f"mode={candidate!r}:\n  {type(error).__name__}: {str(error)[:500]}\n"
-                      f"falling back to {fallbacks[fallbacks.index(candidate) + 1]!r}\n{'!' * 100}\n", flush=True)
+                      f"falling back to {fallbacks[fallbacks.index(candidate) + 1]!r}\n{'!' * 100}\n",
+                      flush=True)
                 continue
             if counters["inductor"]["cudagraph_skips"] > skipped:
-                print(f"\n{'!' * 100}\nWARNING: CUDA graphs were skipped for the fast sampler's step (run with "
-                      f"TORCH_LOGS=perf_hints to see why): it runs compiled, launch by launch\n{'!' * 100}\n",
-                      flush=True)
+                print(f"\n{'!' * 100}\nWARNING: CUDA graphs were skipped for the fast sampler's step "
+                      f"(run with TORCH_LOGS=perf_hints to see why): it runs compiled, launch by launch\n"
+                      f"{'!' * 100}\n", flush=True)
             return candidate
 
     def run(self) -> torch.Tensor:
         if self.compiled is None:
             return self.forward(self.token, self.position, self.mask)
-        torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed: a graph may reuse them
+        # the last step's logits are consumed: a graph may reuse them
+        torch.compiler.cudagraph_mark_step_begin()
         return self.compiled(self.token, self.position, self.mask)
 
     def start(self, prefill_cache, prompt_mask: torch.Tensor, next_position: torch.Tensor, group_size: int):
@@ -299,20 +317,22 @@ class StaticDecoder:
         return logits
 
 
-DECODERS: dict[tuple, StaticDecoder] = {}  # (model id, rows, width, dtypes, mode) -> decoder, for the last model
+# (model id, rows, width, dtypes, device, mode) -> decoder, for the last model
+DECODERS: dict[tuple, StaticDecoder] = {}
 MAX_DECODERS = 4  # shapes kept at once: each holds its own KV cache (and, on CUDA, its graph's memory)
 
 
 def decoder_for(model, prefill_cache, rows: int, width: int, compile_mode: str | None) -> StaticDecoder:
-    """The StaticDecoder of this shape, built (and compiled) on first use. Decoders are kept for the last model
-    sampled from: a new model drops the old ones, their caches and their compiled steps."""
+    """The StaticDecoder of this shape, built (and compiled) on first use. Decoders are kept for the last
+    model sampled from: a new model drops the old ones, their caches and their compiled steps."""
     layer = prefill_cache.layers[0]
     key = (id(model), rows, width, layer.keys.dtype, layer.values.dtype, str(layer.keys.device), compile_mode)
     if any(k[0] != id(model) for k in DECODERS):
         compiled = any(d.compile_mode for d in DECODERS.values())
         DECODERS.clear()
         if compiled:
-            torch._dynamo.reset()  # forget their compiled steps and CUDA graphs (or torch's recompile limit bites)
+            # forget their compiled steps and CUDA graphs (or torch's recompile limit bites)
+            torch._dynamo.reset()
     if key not in DECODERS:
         if len(DECODERS) >= MAX_DECODERS:
             DECODERS.pop(next(iter(DECODERS)))  # the oldest shape
@@ -321,8 +341,9 @@ def decoder_for(model, prefill_cache, rows: int, width: int, compile_mode: str |
 
 
 def default_compile_mode(device) -> str | None:
-    """CUDA: "reduce-overhead", i.e. torch.compile + CUDA graphs, the step replayed in one launch. CPU: None, the
-    step runs eagerly: compiled, the embedded policy's step ran slower, after a cold compile of tens of seconds."""
+    """CUDA: "reduce-overhead", i.e. torch.compile + CUDA graphs, the step replayed in one launch.
+    CPU: None, the step runs eagerly: compiled, the embedded policy's step ran slower, after a cold compile
+    of tens of seconds."""
     return "reduce-overhead" if torch.device(device).type == "cuda" else None
 
 
@@ -330,19 +351,22 @@ def default_compile_mode(device) -> str | None:
 def sample_completions_fast(model, prompt: dict, group_size: int, max_new_tokens: int, stop_ids: list[int],
                             forbidden_ids: list[int], pad_id: int, temperature: float = 1.0, top_k: int = 0,
                             top_p: float = 1.0, generator: torch.Generator | None = None,
-                            stop_check_every: int = 4, compile_mode: str | None = "auto", width_multiple: int = 64):
-    """sample_completions with a preallocated cache and a compiled decode step. Same arguments and returns, the
-    same random draws from the same generator, so the same tokens, and log-probs equal up to float rounding.
+                            stop_check_every: int = 4, compile_mode: str | None = "auto",
+                            width_multiple: int = 64):
+    """sample_completions with a preallocated cache and a compiled decode step. Same arguments and returns,
+    the same random draws from the same generator, so the same tokens, and log-probs equal up to float
+    rounding.
 
     compile_mode: a torch.compile mode, None (eager), or "auto" (default_compile_mode of the model's device).
-    width_multiple: cache width W = prompt + budget rounded up to a multiple of it, so that batches whose prompts
-    differ by a few tokens share one compiled step.
+    width_multiple: cache width W = prompt + budget rounded up to a multiple of it, so that batches whose
+    prompts differ by a few tokens share one compiled step.
     """
     B, G = prompt["input_ids"].shape[0], group_size
     positions, _ = model.model.get_rope_index(
         prompt["input_ids"], mm_token_type_ids=prompt["mm_token_type_ids"],
         image_grid_thw=prompt["image_grid_thw"], attention_mask=prompt["attention_mask"])  # (3, B, P)
-    out = model(**prompt, position_ids=positions, use_cache=True, logits_to_keep=1)  # 1. prefill, once per prompt
+    # 1. prefill, once per prompt
+    out = model(**prompt, position_ids=positions, use_cache=True, logits_to_keep=1)
     prefill = out.cache if "cache" in out else out.past_key_values
     N, P, device = B * G, prompt["input_ids"].shape[1], out.logits.device
     if compile_mode == "auto":
@@ -359,7 +383,8 @@ def sample_completions_fast(model, prompt: dict, group_size: int, max_new_tokens
     finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
     stop = torch.tensor(stop_ids, device=device)
     for t in range(max_new_tokens):  # 3. decode: the same choice and bookkeeping as sample_completions
-        token, recorded = next_tokens(logits, forbidden_ids, temperature, top_k, top_p, generator)  # (N,), (N, V)
+        # token (N,), recorded (N, V)
+        token, recorded = next_tokens(logits, forbidden_ids, temperature, top_k, top_p, generator)
         token = torch.where(finished, pad_id, token)
         ids[:, t], mask[:, t] = token, (~finished).long()
         logprobs[:, t] = recorded.gather(-1, token.unsqueeze(-1)).squeeze(-1) * (~finished)
@@ -383,7 +408,8 @@ def use_fast(fast: bool | str, device) -> bool:
 
 
 def sampler(fast: bool | str, device):
-    """The sampler one flag picks: sample_completions_fast or sample_completions (same arguments, same returns)."""
+    """The sampler one flag picks: sample_completions_fast or sample_completions (same arguments, same
+    returns)."""
     return sample_completions_fast if use_fast(fast, device) else sample_completions
 
 
@@ -407,17 +433,20 @@ def forbidden_token_ids(processor) -> list[int]:
     return [i for i in ids if i is not None and i != tok.unk_token_id]
 
 
-def rollout_prompts(model, processor, data, rows: list[int], columns: dict, cfg, generator=None) -> list[dict]:
+def rollout_prompts(model, processor, data, rows: list[int], columns: dict, cfg,
+                    generator=None) -> list[dict]:
     """Roll out G completions for each data row; returns one dict per prompt (the rollouts.jsonl rows)."""
     stop_ids, forbidden = stage1.stop_token_ids(processor), forbidden_token_ids(processor)
     sample = sampler(getattr(cfg, "fast", "auto"), cfg.device)  # a config without the field: the default
     records = []
+    # a bar only when there are several batches
     for start in tqdm(range(0, len(rows), cfg.prompts_per_batch), desc="rollouts", leave=False,
-                      disable=len(rows) <= cfg.prompts_per_batch):  # a bar only when there are several batches
+                      disable=len(rows) <= cfg.prompts_per_batch):
         chunk = rows[start: start + cfg.prompts_per_batch]
         images = [stage1.row_image(data, i, columns["image"]) for i in chunk]
-        prompt = stage1.to_device(stage1.encode_prompts(processor, images, [data[i][columns["question"]] for i in chunk]),
-                                  cfg.device)
+        prompt = stage1.to_device(
+            stage1.encode_prompts(processor, images, [data[i][columns["question"]] for i in chunk]),
+            cfg.device)
         tensors = sample(model, prompt, cfg.group_size, cfg.max_new_tokens, stop_ids, forbidden,
                          processor.tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, generator)
         rollouts = to_rollouts(processor, *tensors)
@@ -449,7 +478,8 @@ def main(cfg: Config) -> list[dict]:
                          f"({run_dir / 'rollouts.jsonl'} is left as it was).")
     policy = cfg.policy or str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))
     # nothing trains here: the policy is stored in the compute dtype (bf16 on CUDA), as in stages 5 and 6
-    model, processor = stage1.load_policy(policy, cfg.device, dtype=stage1.compute_dtype(cfg.device, cfg.dtype))
+    model, processor = stage1.load_policy(policy, cfg.device,
+                                          dtype=stage1.compute_dtype(cfg.device, cfg.dtype))
     model.eval()
 
     rows = random.Random(cfg.seed).sample(range(len(data)), min(cfg.n_prompts, len(data)))

@@ -27,13 +27,14 @@ adapters on the language model; the reference is the same model with its adapter
 
 Several GPUs: `torchrun --nproc-per-node N 05_grpo_train.py --parallel ddp|fsdp ...` runs this same loop on N
 ranks. Each step's P prompts are split over them, P/N each (whole groups, so rewards and HRAS need no
-communication); the loss divides by the token count of the global batch (one all-reduce), so N ranks compute the
-update one process computes from the same samples (a test checks it, for ddp and fsdp). ddp: every rank holds the
-whole model (DistributedDataParallel); fsdp: FSDP2 shards weights, gradients and AdamW states over the ranks and
-gathers the whole model for the rollout (see gathered()). Sampling seeds differ by rank; the prompt order is the
-same everywhere. Rank 0 logs the metrics (averaged over ranks) and writes the checkpoints from a gathered state
-dict: whole weights in the Hugging Face folder one process writes (stage 6 reads it), resumed on the same number of
-ranks. Not supported: LoRA with fsdp, the fast sampler with fsdp, a resume on another number of ranks.
+communication); the loss divides by the token count of the global batch (one all-reduce), so N ranks compute
+the update one process computes from the same samples (a test checks it, for ddp and fsdp). ddp: every rank
+holds the whole model (DistributedDataParallel); fsdp: FSDP2 shards weights, gradients and AdamW states over
+the ranks and gathers the whole model for the rollout (see gathered()). Sampling seeds differ by rank; the
+prompt order is the same everywhere. Rank 0 logs the metrics (averaged over ranks) and writes the checkpoints
+from a gathered state dict: whole weights in the Hugging Face folder one process writes (stage 6 reads it),
+resumed on the same number of ranks. Not supported: LoRA with fsdp, the fast sampler with fsdp, a resume on
+another number of ranks.
 
 Reads:  runs/<run>/{data,policy_sft,crm}/ and stage1.json (01_sft_rm.py).
 Writes: runs/<run>/<name>/ with metrics.jsonl (one line per step), samples.jsonl (decoded
@@ -65,7 +66,8 @@ from tqdm import tqdm
 
 # Earlier stages, by file name: "01_sft_rm" cannot follow `import`, but import_module takes it (the
 # stages' folder is on sys.path when one runs as a script). Imports flow forward only.
-stage1, stage2, stage3, stage4 = map(importlib.import_module, ["01_sft_rm", "02_rollout", "03_rewards", "04_hras"])
+stage1, stage2, stage3, stage4 = map(importlib.import_module,
+                                     ["01_sft_rm", "02_rollout", "03_rewards", "04_hras"])
 
 
 @dataclass
@@ -77,14 +79,14 @@ class Config:
     crm: str | None = None  # consistency reward model; None = runs/<run>/crm
     # rewards and advantages
     advantage: str = "hras"  # hras (CORA) | grpo (task reward only) | sum (sum, then normalise)
-    lambda_cons: float = 1.0  # r_cons = lambda_cons * P(consistent); only sum feels it (hras z-scores it away, but 0)
+    lambda_cons: float = 1.0  # r_cons = lambda_cons * P_CRM; only sum feels it (hras z-scores it away, but 0)
     format_weight: float = 1.0  # r_fmt for a well-formed completion
     alpha: float = 1.0  # weight of the task advantage (hras)
     beta: float = 1.0  # weight of the consistency advantage (hras), before its schedule
     beta_schedule: str = "constant"  # constant | warmup | decay
     beta_warmup_steps: int = 0  # length of the warm-up (beta_schedule warmup)
     eps: float = 1e-6  # added to the group std
-    cons_eps: float = 1e-6  # added to the group std of r_cons in hras (0.05 damps CRM float noise; 04_hras.py)
+    cons_eps: float = 1e-6  # added to r_cons's group std in hras (0.05 damps CRM float noise; 04_hras.py)
     # rollouts
     steps: int = 100  # optimiser steps (one batch of rollouts each)
     prompts_per_step: int = 8  # P: prompts per step
@@ -93,7 +95,7 @@ class Config:
     temperature: float = 1.0  # sampling temperature (also divides the logits in the update)
     top_k: int = 0  # sampler top-k (0 = off)
     top_p: float = 1.0  # sampler top-p (1 = off)
-    fast: str = "auto"  # sampler: on = static KV cache + compiled step, off = the simple loop, auto = on on CUDA
+    fast: str = "auto"  # sampler: on = static KV cache + compiled step, off = simple loop, auto = on for CUDA
     # update
     lr: float = 2e-4  # AdamW learning rate, after a 5-step linear warm-up (tiny model; ~1e-6 for 2B+)
     weight_decay: float = 0.0  # AdamW weight decay
@@ -103,23 +105,23 @@ class Config:
     kl_beta: float = 0.0  # weight of the k3 KL to the frozen initial policy (0 = no reference model)
     updates_per_batch: int = 1  # optimiser steps per batch of rollouts (>1: off-policy, the clip matters)
     micro_batch_size: int = 64  # completions per forward/backward (gradient accumulation over the batch)
-    gradient_checkpointing: bool = False  # keep only each decoder layer's input, recompute the rest in backward
-    logprob_chunk: int = 256  # completion positions per lm_head + log-softmax block (bounds the (b, chunk, V) logits)
-    repeat_prompts: bool = False  # update: every row runs its own prompt copy (default: each prompt once, shared)
+    gradient_checkpointing: bool = False  # keep each decoder layer's input only; backward recomputes the rest
+    logprob_chunk: int = 256  # positions per lm_head + log-softmax block (bounds the (b, chunk, V) logits)
+    repeat_prompts: bool = False  # update: each row runs its own prompt copy (default: each prompt runs once)
     freeze_vision_tower: bool = False  # train the language model only; the vision tower runs once per prompt
-    pi_old: str = "auto"  # sampler | recompute | auto: recompute under bf16 (the sampler's and update's forwards round differently)
+    pi_old: str = "auto"  # sampler | recompute | auto: recompute in bf16, where sampler and update differ
     # precision and LoRA
     dtype: str = "auto"  # compute precision: auto = bf16 on CUDA, fp32 on CPU (01_sft_rm.compute_dtype)
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank through peft instead of every weight
     lora_alpha: float = 32.0  # LoRA scale is alpha / rank
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # language-model linears to adapt
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # LM linears to adapt
     # several processes (torchrun)
-    parallel: str = "auto"  # under torchrun: ddp (whole model per rank) | fsdp (FSDP2, 1/N per rank); auto = ddp
+    parallel: str = "auto"  # torchrun: ddp (whole model per rank) | fsdp (FSDP2, 1/N per rank); auto = ddp
     # bookkeeping
     checkpoint_every: int = 25  # steps between checkpoints
     sample_every: int = 25  # steps between dumps of decoded completions
     resume: bool = False  # continue from runs/<run>/<name>/checkpoint
-    overwrite: bool = False  # replace a run folder that already holds a run (without it, such a folder is refused)
+    overwrite: bool = False  # replace a run folder that already holds a run (else such a folder is refused)
     stop_after: int = 0  # stop after this many steps in this process, as if killed (tests of --resume)
     seed: int = 0  # seeds prompt order and sampling
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the policy trains
@@ -137,12 +139,14 @@ def check_config(cfg: Config) -> None:
                 "--beta-warmup-steps": (cfg.beta_warmup_steps, 0)}
     for flag, (value, low) in at_least.items():
         if value < low:
-            why = " (a group of one has no baseline: its advantage is always 0)" if flag == "--group-size" else ""
+            why = (" (a group of one has no baseline: its advantage is always 0)"
+                   if flag == "--group-size" else "")
             raise SystemExit(f"{flag} {value}: must be at least {low}{why}.")
     if not (math.isfinite(cfg.temperature) and cfg.temperature > 0):
-        raise SystemExit(f"--temperature {cfg.temperature}: stage 5 needs T > 0. The update divides the logits by T "
-                         f"(T = 0 makes every weight NaN after the first step) and T < 0 samples the least likely "
-                         f"tokens. For greedy numbers, evaluate with 06_eval.py --temperature 0.")
+        raise SystemExit(f"--temperature {cfg.temperature}: stage 5 needs T > 0. The update divides the "
+                         f"logits by T (T = 0 makes every weight NaN after the first step) and T < 0 "
+                         f"samples the least likely tokens. For greedy numbers, evaluate with 06_eval.py "
+                         f"--temperature 0.")
     if not (0 < cfg.top_p <= 1):
         raise SystemExit(f"--top-p {cfg.top_p}: must be in (0, 1] (1 = off).")
     for flag, value, low in [("--lr", cfg.lr, 0.0), ("--weight-decay", cfg.weight_decay, 0.0),
@@ -152,9 +156,11 @@ def check_config(cfg: Config) -> None:
         if not (math.isfinite(value) and value >= low):
             raise SystemExit(f"{flag} {value}: must be a finite number >= {low}.")
     if cfg.lr == 0 or cfg.grad_clip == 0:
-        raise SystemExit(f"--lr {cfg.lr}, --grad-clip {cfg.grad_clip}: both must be above 0 (0 trains nothing).")
+        raise SystemExit(f"--lr {cfg.lr}, --grad-clip {cfg.grad_clip}: both must be above 0 "
+                         f"(0 trains nothing).")
     if cfg.clip_low >= 1:
-        raise SystemExit(f"--clip-low {cfg.clip_low}: must be below 1 (the ratio is clipped below at 1 - clip_low).")
+        raise SystemExit(f"--clip-low {cfg.clip_low}: must be below 1 "
+                         f"(the ratio is clipped below at 1 - clip_low).")
     if cfg.beta_schedule not in ("constant", "warmup", "decay"):
         raise SystemExit(f"--beta-schedule {cfg.beta_schedule}: use constant, warmup or decay.")
     stage3.check_config(stage3.Config(lambda_cons=cfg.lambda_cons, format_weight=cfg.format_weight))
@@ -167,12 +173,14 @@ def check_config(cfg: Config) -> None:
             raise SystemExit(f"{flag} {value}: use {', '.join(choices)}.")
     stage1.compute_dtype(cfg.device, cfg.dtype)  # an unknown --dtype is refused there
     if cfg.parallel == "fsdp" and cfg.lora_rank > 0:
-        raise SystemExit("--parallel fsdp with --lora-rank: not supported (the reference is the model with its "
-                         "adapters off, which this loop does not shard); use --parallel ddp: with LoRA each rank "
-                         "holds a frozen base in the compute dtype and only the adapters' gradients are reduced.")
+        raise SystemExit("--parallel fsdp with --lora-rank: not supported (the reference is the model "
+                         "with its adapters off, which this loop does not shard); use --parallel ddp: with "
+                         "LoRA each rank holds a frozen base in the compute dtype and only the adapters' "
+                         "gradients are reduced.")
     if cfg.parallel == "fsdp" and cfg.fast == "on":
-        raise SystemExit("--parallel fsdp with --fast on: not supported (the compiled decode step cannot run "
-                         "through FSDP2's hooks); leave --fast auto, which samples with the simple loop under fsdp.")
+        raise SystemExit("--parallel fsdp with --fast on: not supported (the compiled decode step cannot "
+                         "run through FSDP2's hooks); leave --fast auto, which samples with the simple loop "
+                         "under fsdp.")
     if cfg.resume and cfg.overwrite:
         raise SystemExit("--resume and --overwrite: pass one (continue the run, or replace it).")
 
@@ -183,7 +191,8 @@ def prompt_rows(prompt: dict, index: list[int]) -> dict:
     is split per image (image_grid_thw.prod) and regathered. One image per prompt."""
     patches = prompt["pixel_values"].split(prompt["image_grid_thw"].prod(-1).tolist())  # B chunks of (n_i, D)
     idx = torch.tensor(index, device=prompt["input_ids"].device)
-    picked = {k: prompt[k][idx] for k in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw")}
+    picked = {k: prompt[k][idx]
+              for k in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw")}
     return {**picked, "pixel_values": torch.cat([patches[i] for i in index])}
 
 
@@ -215,21 +224,25 @@ def shared_prompt_logprobs(model, prompt: dict, completion_ids: torch.Tensor, co
         embeds = core.get_input_embeddings()(prompt["input_ids"])  # (B, P, H)
         image_slots = (prompt["input_ids"] == core.config.image_token_id).unsqueeze(-1)  # (B, P, 1)
         embeds = embeds.masked_scatter(image_slots, torch.cat(visual).to(embeds.dtype))
-        positions, _ = core.model.get_rope_index(prompt["input_ids"], mm_token_type_ids=prompt["mm_token_type_ids"],
+        positions, _ = core.model.get_rope_index(prompt["input_ids"],
+                                                  mm_token_type_ids=prompt["mm_token_type_ids"],
                                                   image_grid_thw=prompt["image_grid_thw"],
                                                   attention_mask=prompt["attention_mask"])  # (3, B, P)
-        out = core.model(inputs_embeds=embeds, attention_mask=prompt["attention_mask"], position_ids=positions,
-                         use_cache=True)
+        out = core.model(inputs_embeds=embeds, attention_mask=prompt["attention_mask"],
+                         position_ids=positions, use_cache=True)
     cache, prompt_cache = DynamicCache(), out.cache if "cache" in out else out.past_key_values
     for i, layer in enumerate(prompt_cache.layers):  # 2. copy each prompt's keys and values to its rows
         cache.update(layer.keys[rows], layer.values[rows], i)  # (N, H_kv, P, D) each
     attention_mask = torch.cat([prompt["attention_mask"][rows], completion_mask], dim=1)  # (N, P + L)
     positions, _ = core.model.get_rope_index(
         torch.cat([prompt["input_ids"][rows], completion_ids], dim=1),
-        mm_token_type_ids=torch.cat([prompt["mm_token_type_ids"][rows], torch.zeros_like(completion_ids)], dim=1),
+        mm_token_type_ids=torch.cat([prompt["mm_token_type_ids"][rows], torch.zeros_like(completion_ids)],
+                                    dim=1),
         image_grid_thw=prompt["image_grid_thw"][rows], attention_mask=attention_mask)  # (3, N, P + L)
-    hidden = core.model(input_ids=completion_ids, attention_mask=attention_mask, position_ids=positions[:, :, P:],
-                        use_cache=True, **{stage2.cache_kwarg(core.model): cache}).last_hidden_state  # 3. (N, L, H)
+    # 3. the completions on top of the copied keys and values: (N, L, H)
+    hidden = core.model(input_ids=completion_ids, attention_mask=attention_mask,
+                        position_ids=positions[:, :, P:], use_cache=True,
+                        **{stage2.cache_kwarg(core.model): cache}).last_hidden_state
     # the state at t predicts token t + 1: the prompt's last state predicts the first completion token
     hidden = torch.cat([out.last_hidden_state[rows, -1:], hidden[:, :-1]], dim=1)  # (N, L, H)
     return hidden_logprobs(core.lm_head, hidden, completion_ids, temperature, chunk_size)  # (N, L)
@@ -240,8 +253,8 @@ def logprobs(model, prompt: dict, completion_ids, completion_mask, temperature: 
     """The update's forward: shared_prompt_logprobs when prompt_of says which prompt each row continues,
     else stage1.completion_logprobs (one prompt per row). (N, L)."""
     if prompt_of is None:
-        return stage1.completion_logprobs(model, prompt, completion_ids, completion_mask, temperature, chunk_size,
-                                          visual)
+        return stage1.completion_logprobs(model, prompt, completion_ids, completion_mask, temperature,
+                                          chunk_size, visual)
     return shared_prompt_logprobs(model, prompt, completion_ids, completion_mask, prompt_of, temperature,
                                   chunk_size, visual)
 
@@ -252,9 +265,11 @@ def hidden_logprobs(lm_head, hidden: torch.Tensor, completion_ids: torch.Tensor,
     checkpointed when gradients are on. hidden (N, L, H), completion_ids (N, L) -> (N, L)."""
     chunks = []
     for start in range(0, completion_ids.shape[1], chunk_size):
-        args = (lm_head, hidden[:, start:start + chunk_size], completion_ids[:, start:start + chunk_size], temperature)
+        args = (lm_head, hidden[:, start:start + chunk_size], completion_ids[:, start:start + chunk_size],
+                temperature)
         if torch.is_grad_enabled():
-            chunks.append(torch.utils.checkpoint.checkpoint(stage1.chunk_logprobs, *args, use_reentrant=False))
+            chunks.append(torch.utils.checkpoint.checkpoint(stage1.chunk_logprobs, *args,
+                                                            use_reentrant=False))
         else:
             chunks.append(stage1.chunk_logprobs(*args))
     return torch.cat(chunks, dim=1)  # (N, L)
@@ -262,9 +277,11 @@ def hidden_logprobs(lm_head, hidden: torch.Tensor, completion_ids: torch.Tensor,
 
 def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                 mask: torch.Tensor, clip_low: float, clip_high: float, kl_beta: float = 0.0,
-                ref_logprobs: torch.Tensor | None = None, n_tokens: int | None = None) -> tuple[torch.Tensor, dict]:
+                ref_logprobs: torch.Tensor | None = None,
+                n_tokens: int | None = None) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate with optional k3 KL, summed over tokens and divided by n_tokens (the token
-    count of the whole batch, so micro-batches add up to a token mean). logprobs, mask: (B, L); advantages: (B,)."""
+    count of the whole batch, so micro-batches add up to a token mean).
+    logprobs, mask: (B, L); advantages: (B,)."""
     mask = mask.float()
     n_tokens = n_tokens or int(mask.sum())
     ratio = torch.exp(new_logprobs - old_logprobs)  # (B, L)
@@ -277,7 +294,8 @@ def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
         kl = torch.exp(log_ratio_ref) - log_ratio_ref - 1  # k3: unbiased, always >= 0
         per_token = per_token + kl_beta * kl
     loss = (per_token * mask).sum() / n_tokens
-    clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))  # the clip is active
+    # the clip is active
+    clipped = ((ratio < 1 - clip_low) & (adv < 0)) | ((ratio > 1 + clip_high) & (adv > 0))
     stats = {"kl": float((kl.detach() * mask).sum()), "clipped": float((clipped.float() * mask).sum())}
     return loss, stats
 
@@ -294,14 +312,17 @@ def vision_is_frozen(model) -> bool:
 def batch_logprobs(cfg: Config, model, prompt: dict, ids, mask, rows: list[int], visual) -> torch.Tensor:
     """Log-probs of batch rows `rows`; row r belongs to prompt r // G, and so do its visual features. With
     each prompt of the micro-batch runs once (shared_prompt_logprobs; --repeat-prompts: once per row).
-    Under torchrun it runs through the forward that DDP or FSDP2 watches (model.completion_logprobs: parallelize)."""
+    Under torchrun it runs through the forward that DDP or FSDP2 watches (model.completion_logprobs:
+    parallelize)."""
     prompt_of = [r // cfg.group_size for r in rows]
     forward = getattr(model, "completion_logprobs", None) or functools.partial(logprobs, model)
     checkpointed = any(getattr(m, "gradient_checkpointing", False) for m in stage1.unwrap(model).modules())
-    if not cfg.repeat_prompts and not (torch.is_grad_enabled() and checkpointed):  # checkpointing drops the KV cache
+    # shared prompts need the KV cache, which gradient checkpointing drops
+    if not cfg.repeat_prompts and not (torch.is_grad_enabled() and checkpointed):
         prompts = sorted(set(prompt_of))  # the micro-batch's prompts, each run once
         args = (prompt_rows(prompt, prompts), ids[rows], mask[rows], cfg.temperature, cfg.logprob_chunk,
-                [visual[k] for k in prompts] if visual is not None else None, [prompts.index(k) for k in prompt_of])
+                [visual[k] for k in prompts] if visual is not None else None,
+                [prompts.index(k) for k in prompt_of])
     else:  # every row runs its own copy of its prompt
         args = (prompt_rows(prompt, prompt_of), ids[rows], mask[rows], cfg.temperature, cfg.logprob_chunk,
                 [visual[k] for k in prompt_of] if visual is not None else None)
@@ -310,22 +331,26 @@ def batch_logprobs(cfg: Config, model, prompt: dict, ids, mask, rows: list[int],
 
 
 def reference_logprobs(cfg: Config, model, reference, prompt: dict, ids, mask, rows: list[int], visual):
-    """The frozen reference's log-probs: the same model with its LoRA adapters switched off, or a second copy."""
+    """The frozen reference's log-probs: the same model with its LoRA adapters switched off, or a second
+    copy."""
     with torch.no_grad():
         if reference is None:  # LoRA: the base weights are the initial policy
             with model.disable_adapter():
                 return batch_logprobs(cfg, model, prompt, ids, mask, rows, visual)
-        return batch_logprobs(cfg, reference, prompt, ids, mask, rows, visual if vision_is_frozen(model) else None)
+        return batch_logprobs(cfg, reference, prompt, ids, mask, rows,
+                              visual if vision_is_frozen(model) else None)
 
 
 def update(cfg: Config, model, reference, optimizer, scheduler, prompt: dict, ids, mask, old_logprobs,
            advantages, step: int | None = None) -> dict:
-    """updates_per_batch optimiser steps over the batch, each accumulated over micro-batches. A non-finite loss or
-    gradient stops the run before the optimiser steps (the weights stay finite). Returns the batch's loss, kl and
-    clipped share (under torchrun: of the global batch, the same on every rank)."""
+    """updates_per_batch optimiser steps over the batch, each accumulated over micro-batches. A non-finite
+    loss or gradient stops the run before the optimiser steps (the weights stay finite). Returns the batch's
+    loss, kl and clipped share (under torchrun: of the global batch, the same on every rank)."""
     N, world = ids.shape[0], dist.get_world_size() if dist.is_initialized() else 1
-    n_tokens = int(sum_over_ranks([float(mask.sum())], cfg.device)[0])  # torchrun: the GLOBAL batch's token count
-    micro_batches = [list(range(s, min(N, s + cfg.micro_batch_size))) for s in range(0, N, cfg.micro_batch_size)]
+    # torchrun: the GLOBAL batch's token count
+    n_tokens = int(sum_over_ranks([float(mask.sum())], cfg.device)[0])
+    micro_batches = [list(range(s, min(N, s + cfg.micro_batch_size)))
+                     for s in range(0, N, cfg.micro_batch_size)]
     totals = {"loss": 0.0, "kl": 0.0, "clipped": 0.0}
     visual = None
     if vision_is_frozen(model):  # each prompt's image through the vision tower once, not once per row
@@ -346,20 +371,23 @@ def update(cfg: Config, model, reference, optimizer, scheduler, prompt: dict, id
                 ref = reference_logprobs(cfg, model, reference, prompt, ids, mask, rows, visual)
             loss, stats = policy_loss(new, old_logprobs[rows], advantages[rows], mask[rows], cfg.clip_low,
                                       cfg.clip_high, cfg.kl_beta, ref, n_tokens)
-            # torchrun: DDP and FSDP2 average the gradients over ranks; this loss is already this rank's share of
-            # the global token mean, so the gradient wanted is their sum: undo the division.
+            # torchrun: DDP and FSDP2 average the gradients over ranks; this loss is already this rank's share
+            # of the global token mean, so the gradient wanted is their sum: undo the division.
             (loss * world).backward()
             batch["loss"] += loss.item()
             batch["kl"] += stats["kl"] / n_tokens
             batch["clipped"] += stats["clipped"] / n_tokens
-        batch = dict(zip(batch, sum_over_ranks(list(batch.values()), cfg.device)))  # torchrun: the global batch's
+        # torchrun: the global batch's loss, kl and clipped share (summed over ranks)
+        batch = dict(zip(batch, sum_over_ranks(list(batch.values()), cfg.device)))
         norm = torch.nn.utils.clip_grad_norm_(trainable_parameters(model), cfg.grad_clip)
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
-        if not (math.isfinite(batch["loss"]) and math.isfinite(norm)):  # the same global numbers on every rank
-            raise SystemExit(f"step {step}: the loss is {batch['loss']} and the gradient norm {norm}: not finite, so "
-                             f"the optimiser did not step and the weights stay as they were (the last checkpoint is "
-                             f"intact). A usual cause: a --lr so large that the last steps blew the logits up; lower "
-                             f"it and --resume, or start again with --overwrite.")
+        # the same global numbers on every rank
+        if not (math.isfinite(batch["loss"]) and math.isfinite(norm)):
+            raise SystemExit(f"step {step}: the loss is {batch['loss']} and the gradient norm {norm}: "
+                             f"not finite, so the optimiser did not step and the weights stay as they were "
+                             f"(the last checkpoint is intact). A usual cause: a --lr so large that the last "
+                             f"steps blew the logits up; lower it and --resume, or start again with "
+                             f"--overwrite.")
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)  # free the gradients now: the next rollout needs the memory
@@ -391,18 +419,20 @@ def enable_checkpointing(model) -> None:
     """Keep only each decoder layer's input in the forward and recompute the rest in backward (non-reentrant
     checkpointing, which works when the input embeddings need no gradient, as with LoRA).
     transformers also hooks the input embeddings to mark their output as requiring a gradient, which only
-    reentrant checkpointing needs; the hook calls requires_grad_() inside the forward, which torch.compile cannot
-    trace, so the fast sampler's step fell back to eager (the README's GPU section). We remove the hook."""
+    reentrant checkpointing needs; the hook calls requires_grad_() inside the forward, which torch.compile
+    cannot trace, so the fast sampler's step fell back to eager (the README's GPU section). We remove the
+    hook."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     stage1.unwrap(model).disable_input_require_grads()
 
 
 # ----------------------------------------------------------------------------- several processes (torchrun)
-# torchrun starts N copies of this file and gives each its RANK, WORLD_SIZE and LOCAL_RANK. The loop stays the same
-# loop; what differs is here, and marked "torchrun:" where main and update use it.
+# torchrun starts N copies of this file and gives each its RANK, WORLD_SIZE and LOCAL_RANK. The loop stays
+# the same loop; what differs is here, and marked "torchrun:" where main and update use it.
 def join_process_group(cfg: Config) -> tuple[int, int, str]:
-    """(rank, world size, device). Alone (no WORLD_SIZE in the environment): (0, 1, cfg.device), nothing joined.
-    Under torchrun: one GPU per rank (cuda:LOCAL_RANK), NCCL between GPUs, gloo between CPU processes."""
+    """(rank, world size, device). Alone (no WORLD_SIZE in the environment): (0, 1, cfg.device), nothing
+    joined. Under torchrun: one GPU per rank (cuda:LOCAL_RANK), NCCL between GPUs, gloo between CPU
+    processes."""
     if "WORLD_SIZE" not in os.environ:
         return 0, 1, cfg.device
     device = cfg.device
@@ -425,16 +455,17 @@ def sum_over_ranks(values: list[float], device) -> list[float]:
 
 
 def mean_over_ranks(row: dict, device) -> dict:
-    """The step's metrics averaged over ranks (one all-reduce). Every rank has the same number of rows and groups,
-    so a mean over rows or groups is the global one; entropy, a mean over tokens, weighs the ranks equally."""
+    """The step's metrics averaged over ranks (one all-reduce). Every rank has the same number of rows and
+    groups, so a mean over rows or groups is the global one; entropy, a mean over tokens, weighs the ranks
+    equally."""
     keys = [k for k, v in row.items() if isinstance(v, float)]
     world = dist.get_world_size() if dist.is_initialized() else 1
     return {**row, **{k: v / world for k, v in zip(keys, sum_over_ranks([row[k] for k in keys], device))}}
 
 
 class LogProbs(torch.nn.Module):
-    """logprobs (the update's forward) as a module's forward(), for DDP to wrap (see parallelize). Its one submodule is
-    the policy itself: no parameter of its own."""
+    """logprobs (the update's forward) as a module's forward(), for DDP to wrap (see parallelize). Its one
+    submodule is the policy itself: no parameter of its own."""
 
     def __init__(self, policy):
         super().__init__()
@@ -445,27 +476,31 @@ class LogProbs(torch.nn.Module):
 
 
 def parallelize(mode: str, model, device: str, dtype: torch.dtype, trains: bool = True):
-    """Ready `model` for several ranks and set model.completion_logprobs, the update's forward (batch_logprobs).
+    """Ready `model` for several ranks and set model.completion_logprobs, the update's forward
+    (batch_logprobs).
 
     Why a forward of its own: DDP and FSDP2 work in hooks around a module's forward() (DDP arms its gradient
-    all-reduce there; FSDP2 all-gathers a group's weights before it and frees them after, and reduce-scatters the
-    gradients in backward). The update never calls model.forward: logprobs runs the backbone (twice when
-    prompts are shared: the prompts, then the completions), then lm_head a chunk at a time (the logits' memory). So that
-    function itself becomes the forward they watch.
-    ddp:  DistributedDataParallel wraps LogProbs(model). The frozen reference (trains=False) is left whole. With
-          several micro-batches DDP all-reduces after each backward, and the sum stays right (what was reduced
-          already is the same on every rank); no_sync() would save all but the last all-reduce, at a few lines.
+    all-reduce there; FSDP2 all-gathers a group's weights before it and frees them after, and reduce-scatters
+    the gradients in backward). The update never calls model.forward: logprobs runs the backbone (twice when
+    prompts are shared: the prompts, then the completions), then lm_head a chunk at a time (the logits'
+    memory). So that function itself becomes the forward they watch.
+    ddp:  DistributedDataParallel wraps LogProbs(model). The frozen reference (trains=False) is left whole.
+          With several micro-batches DDP all-reduces after each backward, and the sum stays right (what was
+          reduced already is the same on every rank); no_sync() would save all but the last all-reduce, at a
+          few lines.
     fsdp: fully_shard on each decoder layer, on the vision tower, then on the whole model (the root group: the
           embeddings, the final norm and lm_head, tied or not); register_fsdp_forward_method makes
-          completion_logprobs a forward of the root, so the root group is gathered around it and every parameter
-          is whole when used. Weights are gathered in the compute dtype, gradients reduced in fp32.
+          completion_logprobs a forward of the root, so the root group is gathered around it and every
+          parameter is whole when used. Weights are gathered in the compute dtype, gradients reduced in fp32.
     """
     if mode == "ddp" and trains:
         from torch.nn.parallel import DistributedDataParallel
 
         gpu = [torch.device(device)] if device.startswith("cuda") else None
-        ddp = DistributedDataParallel(LogProbs(model), device_ids=gpu, broadcast_buffers=False)  # rotary tables fixed
-        object.__setattr__(model, "completion_logprobs", ddp)  # an attribute, not a submodule: ddp holds model
+        # broadcast_buffers=False: the buffers (rotary tables) are fixed
+        ddp = DistributedDataParallel(LogProbs(model), device_ids=gpu, broadcast_buffers=False)
+        # an attribute, not a submodule: ddp holds model
+        object.__setattr__(model, "completion_logprobs", ddp)
     if mode == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
@@ -473,7 +508,8 @@ def parallelize(mode: str, model, device: str, dtype: torch.dtype, trains: bool 
         core = stage1.unwrap(model).model
         for layer in core.language_model.layers:
             fully_shard(layer, mp_policy=mixed)
-        fully_shard(core.visual, mp_policy=mixed)  # its own group: a frozen tower may be stored in another dtype
+        # its own group: a frozen tower may be stored in another dtype
+        fully_shard(core.visual, mp_policy=mixed)
         fully_shard(model, mp_policy=mixed)
         model.completion_logprobs = functools.partial(logprobs, model)
         register_fsdp_forward_method(model, "completion_logprobs")
@@ -484,11 +520,12 @@ def parallelize(mode: str, model, device: str, dtype: torch.dtype, trains: bool 
 
 @contextlib.contextmanager
 def gathered(model):
-    """FSDP2: run the block (the rollout) on whole weights. Every group is all-gathered once before it and kept
-    through its decode steps (by default a layer frees its weights after each forward and gathers them again at the
-    next one: once per token), then freed. What that costs: during the rollout each rank holds every weight in the
-    compute dtype (2 bytes a parameter in bf16) on top of its 1/N of the fp32 weights, gradients and AdamW states
-    and its KV cache; unlike the sharded part, that copy does not shrink with more ranks. A no-op without FSDP2."""
+    """FSDP2: run the block (the rollout) on whole weights. Every group is all-gathered once before it and
+    kept through its decode steps (by default a layer frees its weights after each forward and gathers them
+    again at the next one: once per token), then freed. What that costs: during the rollout each rank holds
+    every weight in the compute dtype (2 bytes a parameter in bf16) on top of its 1/N of the fp32 weights,
+    gradients and AdamW states and its KV cache; unlike the sharded part, that copy does not shrink with more
+    ranks. A no-op without FSDP2."""
     from torch.distributed.fsdp import FSDPModule
 
     groups = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -507,8 +544,8 @@ def gathered(model):
 
 
 def whole_weights(model, mode: str) -> dict | None:
-    """fsdp: every weight whole, gathered to rank 0's CPU (a collective: every rank calls it; other ranks get {}).
-    Otherwise None: the model's own parameters are whole."""
+    """fsdp: every weight whole, gathered to rank 0's CPU (a collective: every rank calls it; other ranks get
+    {}). Otherwise None: the model's own parameters are whole."""
     if mode != "fsdp":
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -517,7 +554,8 @@ def whole_weights(model, mode: str) -> dict | None:
 
 
 def saveable(model, weights: dict | None):
-    """Something with save_pretrained(folder) that writes `model` with `weights` (whole_weights) when given."""
+    """Something with save_pretrained(folder) that writes `model` with `weights` (whole_weights) when
+    given."""
     if weights is None:
         return model
     return types.SimpleNamespace(save_pretrained=functools.partial(model.save_pretrained, state_dict=weights))
@@ -533,15 +571,15 @@ RUN_OUTPUTS = ["metrics.jsonl", "samples.jsonl", "checkpoint", "checkpoint.old",
 def save_checkpoint(out_dir: Path, model, processor, optimizer, scheduler, step: int, rng_states: dict,
                     run_config: dict) -> None:
     """Write checkpoint.tmp/, then swap it in: a kill at any moment leaves one complete checkpoint.
-    torchrun: every rank calls it (fsdp gathers the weights and AdamW states; each rank's sampler state is gathered);
-    rank 0 writes; the others wait for it, so no rank reads a half-written checkpoint."""
+    torchrun: every rank calls it (fsdp gathers the weights and AdamW states; each rank's sampler state is
+    gathered); rank 0 writes; the others wait for it, so no rank reads a half-written checkpoint."""
     mode, rank = run_config["parallel"], dist.get_rank() if dist.is_initialized() else 0
     weights = whole_weights(model, mode)
     if mode == "fsdp":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-        optimizer_state = get_optimizer_state_dict(model, optimizer,
-                                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        optimizer_state = get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     else:
         optimizer_state = optimizer.state_dict()  # one process, or ddp: every rank holds the same whole state
     per_rank = [rng_states]
@@ -573,13 +611,15 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def check_run_folder(cfg: Config, out_dir: Path, run_config: dict) -> Path | None:
-    """Before any model loads: the checkpoint --resume continues from (an error when there is none, or when its
-    flags differ), or None for a new run, refused if the folder already holds one and --overwrite is not given."""
+    """Before any model loads: the checkpoint --resume continues from (an error when there is none, or when
+    its flags differ), or None for a new run, refused if the folder already holds one and --overwrite is not
+    given."""
     if cfg.resume:
         checkpoint = latest_checkpoint(out_dir)
         if checkpoint is None:
-            raise SystemExit(f"--resume: {out_dir} has no checkpoint (checkpoint/trainer_state.pt), so there is "
-                             f"nothing to continue; run without --resume (add --overwrite to replace what is there).")
+            raise SystemExit(f"--resume: {out_dir} has no checkpoint (checkpoint/trainer_state.pt), so there "
+                             f"is nothing to continue; run without --resume (add --overwrite to replace what "
+                             f"is there).")
         saved_path = checkpoint / "run_config.json"
         saved = json.loads(saved_path.read_text()) if saved_path.exists() else None
         if saved is None:  # written before checkpoints kept their flags
@@ -588,9 +628,9 @@ def check_run_folder(cfg: Config, out_dir: Path, run_config: dict) -> Path | Non
             if saved.get(key) != run_config[key]:
                 raise SystemExit(
                     f"--resume: {checkpoint} was written with {key} = {saved.get(key)!r}, this run has "
-                    f"{run_config[key]!r}. A resumed run keeps {', '.join(RESUME_MUST_MATCH)} (else it mixes methods "
-                    f"or batch shapes; each rank's sampler state is in the checkpoint). Resume with the same flags, "
-                    f"or give this run another --name.")
+                    f"{run_config[key]!r}. A resumed run keeps {', '.join(RESUME_MUST_MATCH)} (else it mixes "
+                    f"methods or batch shapes; each rank's sampler state is in the checkpoint). Resume with "
+                    f"the same flags, or give this run another --name.")
         return checkpoint
     held = [name for name in RUN_OUTPUTS  # an empty metrics.jsonl holds no run
             if (out_dir / name).is_dir() or ((out_dir / name).exists() and (out_dir / name).stat().st_size)]
@@ -601,8 +641,8 @@ def check_run_folder(cfg: Config, out_dir: Path, run_config: dict) -> Path | Non
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl (or samples.jsonl); a last line cut short by a kill is dropped with a warning,
-    and the step it belonged to is redone (--resume) or missing (stage 6's curves)."""
+    """The rows of a metrics.jsonl (or samples.jsonl); a last line cut short by a kill is dropped with a
+    warning, and the step it belonged to is redone (--resume) or missing (stage 6's curves)."""
     return stage1.read_jsonl(path, drop_cut_last_line=True)
 
 
@@ -624,8 +664,10 @@ def step_metrics(scores: list[dict], crm_probs: list[float], lengths, truncated,
             "oracle_inconsistency_rate": share_failing("oracle_consistent"),
             "oracle_steps_failing": share_failing("oracle_steps"),  # steps do not imply the conclusion
             "oracle_answer_failing": share_failing("oracle_answer"),  # the answer is not the conclusion
-            "entropy": float(-(old_logprobs * mask).sum() / mask.sum()),  # sample estimate of the token entropy
-            "completion_length": float(lengths.float().mean()), "truncation_rate": float(truncated.float().mean()),
+            # sample estimate of the token entropy
+            "entropy": float(-(old_logprobs * mask).sum() / mask.sum()),
+            "completion_length": float(lengths.float().mean()),
+            "truncation_rate": float(truncated.float().mean()),
             **stage4.zero_variance_stats(task, advantages, group_size)}
 
 
@@ -638,35 +680,42 @@ def main(cfg: Config) -> dict:
     rank, world, device = join_process_group(cfg)
     mode = ("ddp" if cfg.parallel == "auto" else cfg.parallel) if "WORLD_SIZE" in os.environ else "none"
     if mode == "none" and cfg.parallel != "auto":
-        raise SystemExit(f"--parallel {cfg.parallel}: launch with torchrun, e.g. `torchrun --nproc-per-node 2 "
-                         f"05_grpo_train.py --parallel {cfg.parallel} ...`; alone, leave --parallel auto.")
+        raise SystemExit(f"--parallel {cfg.parallel}: launch with torchrun, e.g. "
+                         f"`torchrun --nproc-per-node 2 05_grpo_train.py --parallel {cfg.parallel} ...`; "
+                         f"alone, leave --parallel auto.")
     cfg = dataclasses.replace(cfg, device=device)
     run_dir = Path(cfg.runs_dir) / cfg.run
     stage1_config = stage1.read_stage1(run_dir)["config"]
     embedded = stage1_config["dataset"] is None
     columns = stage2.data_columns(stage1_config)
-    train = load_from_disk(str(stage1.require(run_dir / "data", "python 01_sft_rm.py")))[stage1_config["train_split"]]
+    train = load_from_disk(
+        str(stage1.require(run_dir / "data", "python 01_sft_rm.py")))[stage1_config["train_split"]]
     if cfg.prompts_per_step > len(train):
-        raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step}: the {stage1_config['train_split']} split of "
-                         f"{run_dir / 'data'} has {len(train)} rows; pass at most {len(train)}.")
+        raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step}: the {stage1_config['train_split']} "
+                         f"split of {run_dir / 'data'} has {len(train)} rows; pass at most {len(train)}.")
     if cfg.prompts_per_step % world:  # torchrun: whole groups per rank, the same number on every rank
-        raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step}: must be a multiple of the {world} ranks.")
+        raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step}: must be a multiple of the "
+                         f"{world} ranks.")
     out_dir = run_dir / (cfg.name or f"{cfg.advantage}_seed{cfg.seed}")
     run_config = {**dataclasses.asdict(cfg), "parallel": mode, "world_size": world}
-    checkpoint = check_run_folder(cfg, out_dir, run_config)  # refuses to mix or erase runs, before any model loads
+    # refuses to mix or erase runs, before any model loads
+    checkpoint = check_run_folder(cfg, out_dir, run_config)
     if world > 1:
         dist.barrier()  # torchrun: every rank has read the run folder before rank 0 changes it
     init = cfg.init or str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))
 
-    # models: the policy, an optional frozen reference, the frozen CRM. Frozen weights are stored in the compute
-    # dtype (bf16 on CUDA); trained weights in fp32 (master weights, bf16 matmuls under autocast): 01_sft_rm.compute_dtype
+    # models: the policy, an optional frozen reference, the frozen CRM. Frozen weights are stored in the
+    # compute dtype (bf16 on CUDA); trained weights in fp32 (master weights, bf16 matmuls under autocast):
+    # 01_sft_rm.compute_dtype
     dtype = stage1.compute_dtype(cfg.device, cfg.dtype)
-    if cfg.lora_rank > 0:  # a frozen base in the compute dtype + fp32 adapters (peft's default for a bf16 base)
+    # LoRA: a frozen base in the compute dtype + fp32 adapters (peft's default for a bf16 base)
+    if cfg.lora_rank > 0:
         if checkpoint:
             model, processor = stage1.load_policy(str(checkpoint), cfg.device, dtype=dtype, trainable=True)
         else:
             model, processor = stage1.load_policy(init, cfg.device, dtype=dtype)
-            torch.manual_seed(cfg.seed)  # LoRA's A matrices start random (B at zero): the same seed, the same start
+            # LoRA's A matrices start random (B at zero): the same seed, the same start
+            torch.manual_seed(cfg.seed)
             model = add_lora(cfg, model)
     else:
         model, processor = stage1.load_policy(str(checkpoint or init), cfg.device, dtype=torch.float32)
@@ -683,16 +732,22 @@ def main(cfg: Config) -> dict:
     crm_path = cfg.crm or str(stage1.require(run_dir / "crm", "python 01_sft_rm.py"))
     crm, crm_tokenizer = stage1.load_crm(crm_path, cfg.device, dtype=dtype)
     crm.eval().requires_grad_(False)
-    reward_cfg = stage3.Config(lambda_cons=cfg.lambda_cons, format_weight=cfg.format_weight, device=cfg.device)
+    reward_cfg = stage3.Config(lambda_cons=cfg.lambda_cons, format_weight=cfg.format_weight,
+                               device=cfg.device)
     stop_ids, forbidden = stage1.stop_token_ids(processor), stage2.forbidden_token_ids(processor)
-    fast = "off" if mode == "fsdp" else cfg.fast  # fsdp: the simple loop (the compiled step cannot run its hooks)
+    # fsdp: the simple loop (the compiled step cannot run its hooks)
+    fast = "off" if mode == "fsdp" else cfg.fast
 
+    # fused on CUDA: one kernel, no per-tensor temporaries
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=cfg.device.startswith("cuda"))  # one kernel, no per-tensor temporaries
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 5))  # 5-step warm-up
-    prompt_rng = random.Random(cfg.seed)  # torchrun: the same on every rank, so every rank draws the same prompts
+                                  fused=cfg.device.startswith("cuda"))
+    # 5-step linear warm-up
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 5))
+    # torchrun: the same on every rank, so every rank draws the same prompts
+    prompt_rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
-    # torchrun: a sampling seed per rank (seed * N + rank: distinct over ranks and seeds; one process: the seed)
+    # torchrun: a sampling seed per rank (seed * N + rank: distinct over ranks and seeds; one process: the
+    # seed)
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed * world + rank)
     start_step = 0
     if checkpoint:
@@ -705,7 +760,8 @@ def main(cfg: Config) -> dict:
         else:
             optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        mine = state["ranks"][rank] if "ranks" in state else state  # this rank's RNG states (older: at the top)
+        # this rank's RNG states (an older checkpoint: at the top)
+        mine = state["ranks"][rank] if "ranks" in state else state
         prompt_rng.setstate(mine["prompt_rng"])
         generator.set_state(mine["generator"])
         torch.set_rng_state(mine["torch_rng"])
@@ -716,26 +772,32 @@ def main(cfg: Config) -> dict:
     if rank == 0:  # torchrun: one writer
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in RUN_OUTPUTS if cfg.overwrite else []:  # --overwrite: the old run goes now, not before
-            shutil.rmtree(out_dir / name) if (out_dir / name).is_dir() else (out_dir / name).unlink(missing_ok=True)
-        for path in (metrics_path, samples_path):  # a resumed run redoes (and relogs) the steps after its checkpoint
-            kept = [r for r in read_metrics(path) if r["step"] <= start_step] if checkpoint and path.exists() else []
+            (shutil.rmtree(out_dir / name) if (out_dir / name).is_dir()
+             else (out_dir / name).unlink(missing_ok=True))
+        # a resumed run redoes (and relogs) the steps after its checkpoint
+        for path in (metrics_path, samples_path):
+            kept = ([r for r in read_metrics(path) if r["step"] <= start_step]
+                    if checkpoint and path.exists() else [])
             stage1.write_jsonl_atomic(path, kept)
         stage1.write_json_atomic(out_dir / "config.json", run_config)
 
     per_rank = cfg.prompts_per_step // world
     started, steps_this_run = time.time(), 0
-    for step in (bar := tqdm(range(start_step, cfg.steps), desc=f"{cfg.advantage} seed {cfg.seed}", initial=start_step,
-                             total=cfg.steps, disable=rank > 0)):
+    for step in (bar := tqdm(range(start_step, cfg.steps), desc=f"{cfg.advantage} seed {cfg.seed}",
+                             initial=start_step, total=cfg.steps, disable=rank > 0)):
         # 1-2. prompts and rollouts (torchrun: every rank draws the same P, and takes its own P / N of them)
-        rows = prompt_rng.sample(range(len(train)), cfg.prompts_per_step)[rank * per_rank:(rank + 1) * per_rank]
+        rows = prompt_rng.sample(range(len(train)), cfg.prompts_per_step)[
+            rank * per_rank:(rank + 1) * per_rank]
         images = [stage1.row_image(train, i, columns["image"]) for i in rows]
         questions = [train[i][columns["question"]] for i in rows]
         prompt = stage1.to_device(stage1.encode_prompts(processor, images, questions), cfg.device)
         with stage1.autocast(cfg.device, dtype), gathered(model):  # fsdp: the rollout on whole weights
-            ids, mask, old_logprobs, truncated = stage2.sampler(fast, cfg.device)(  # LoRA layers sit inside unwrap()
+            # the sampler gets unwrap(model): LoRA layers sit inside it
+            ids, mask, old_logprobs, truncated = stage2.sampler(fast, cfg.device)(
                 stage1.unwrap(model), prompt, cfg.group_size, cfg.max_new_tokens, stop_ids, forbidden,
                 processor.tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, generator)
-        texts = processor.batch_decode(ids, skip_special_tokens=True)  # padding and stop tokens are special: skipped
+        # padding and stop tokens are special: skipped
+        texts = processor.batch_decode(ids, skip_special_tokens=True)
         # 3. rewards
         group_questions = [q for q in questions for _ in range(cfg.group_size)]
         truths = [str(train[i][columns["answer"]]) for i in rows for _ in range(cfg.group_size)]
@@ -746,13 +808,14 @@ def main(cfg: Config) -> dict:
         task = torch.tensor([s["task"] for s in scores], device=cfg.device)  # (N,)
         consistency = torch.tensor([s["consistency"] for s in scores], device=cfg.device)  # (N,)
         # 4. advantages (a group never crosses ranks: nothing to communicate)
-        beta_t = stage4.consistency_weight(step, cfg.steps, cfg.beta, cfg.beta_schedule, cfg.beta_warmup_steps)
-        advantages = stage4.advantages(cfg.advantage, task, consistency, cfg.group_size, cfg.alpha, beta_t, cfg.eps,
-                                       cfg.cons_eps)
+        beta_t = stage4.consistency_weight(step, cfg.steps, cfg.beta, cfg.beta_schedule,
+                                           cfg.beta_warmup_steps)
+        advantages = stage4.advantages(cfg.advantage, task, consistency, cfg.group_size, cfg.alpha, beta_t,
+                                       cfg.eps, cfg.cons_eps)
         # 5. update
         lr = scheduler.get_last_lr()[0]  # the rate this step's update uses (the scheduler steps after it)
-        losses = update(cfg, model, reference, optimizer, scheduler, prompt, ids, mask, old_logprobs, advantages,
-                        step + 1)
+        losses = update(cfg, model, reference, optimizer, scheduler, prompt, ids, mask, old_logprobs,
+                        advantages, step + 1)
 
         crm_probs = [s["crm_prob"] for s in scores]  # P(consistent) itself, whatever lambda_cons
         row = {"step": step + 1, **step_metrics(scores, crm_probs, mask.sum(1), truncated, task, advantages,
@@ -762,7 +825,8 @@ def main(cfg: Config) -> dict:
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            bar.set_postfix(acc=f"{row['accuracy']:.2f}", cons=f"{row['crm_consistency']:.2f}", kl=f"{row['kl']:.3f}")
+            bar.set_postfix(acc=f"{row['accuracy']:.2f}", cons=f"{row['crm_consistency']:.2f}",
+                            kl=f"{row['kl']:.3f}")
         if (step + 1) % cfg.sample_every == 0 and rank == 0:  # torchrun: rank 0's groups
             with open(samples_path, "a") as f:
                 for i in range(0, len(texts), cfg.group_size * 2):
@@ -785,7 +849,8 @@ def main(cfg: Config) -> dict:
     stage1.save_folder_atomic(out_dir / "policy", saveable(model, weights), processor)
     history = stage1.read_jsonl(metrics_path)
     last = history[-10:]
-    summary = {k: sum(r[k] for r in last) / len(last) for k in ("accuracy", "crm_consistency", "reward_task", "kl")}
+    summary = {k: sum(r[k] for r in last) / len(last)
+               for k in ("accuracy", "crm_consistency", "reward_task", "kl")}
     if embedded:
         summary["oracle_inconsistency_rate"] = sum(r["oracle_inconsistency_rate"] for r in last) / len(last)
     summary["first_10_steps_accuracy"] = sum(r["accuracy"] for r in history[:10]) / len(history[:10])

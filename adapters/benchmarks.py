@@ -41,9 +41,11 @@ from dataclasses import dataclass
 # - MathVision: the official is_equal evaluates LaTeX with latex2sympy. We compare plain numbers, a/b and
 #   \frac{a}{b} to 2 decimals and everything else as lower-cased strings without spaces, after the official
 #   clean-up (last \boxed{}, "the answer is", "(b)" -> "b", trailing "."). An answer that starts with "(B)"
-#   counts as the letter B: our prompt lists options as "(A) text"; the official prompt asks for a bare letter.
-# - CV-Bench: the official code takes the first letter of a reply that was asked to be just the letter; we take
-#   the first "(B)" in the answer, else a capital letter standing alone at its start ("B", "B.", "B) two").
+#   counts as the letter B: our prompt lists options as "(A) text"; the official prompt asks for a bare
+#   letter.
+# - CV-Bench: the official code takes the first letter of a reply that was asked to be just the letter; we
+#   take the first "(B)" in the answer, else a capital letter standing alone at its start ("B", "B.",
+#   "B) two").
 # - PuzzleVQA / AlgoPuzzleVQA: the official fallback after "(A)"-"(D)" takes the last capital A-D anywhere
 #   (so "Blue" reads as B); ours needs the letter to stand alone, and before it an answer equal to an option's
 #   text (any case) picks that option.
@@ -69,11 +71,13 @@ BENCHMARKS = {
     # 3,040 rows (`testmini`: 304); options [] or 5; the gold is a letter A-E for multi-choice rows
     "mathvision": Benchmark("MathLLMs/MathVision", "test", "decoded_image", "question", "options", "answer"),
     # 2,638 rows, 2D (ADE20K, COCO) and 3D (Omni3D); the gold is "(A)"-style
-    "cvbench": Benchmark("nyu-visionx/CV-Bench", "test", "image", "question", "choices", "answer", ("source",)),
+    "cvbench": Benchmark("nyu-visionx/CV-Bench", "test", "image", "question", "choices", "answer",
+                         ("source",)),
     # 2,000 rows (20 puzzles x 100), 3 or 4 options; the gold is the option text
     "puzzlevqa": Benchmark("declare-lab/PuzzleVQA", "train", "image", "question", "options", "answer"),
     # 1,800 rows (18 puzzles x 100), 2-4 options; the gold is the option text
-    "algopuzzlevqa": Benchmark("declare-lab/AlgoPuzzleVQA", "train", "image", "question", "options", "answer"),
+    "algopuzzlevqa": Benchmark("declare-lab/AlgoPuzzleVQA", "train", "image", "question", "options",
+                               "answer"),
 }
 
 
@@ -185,7 +189,8 @@ def mathvista_choice(text: str, options: list[str]) -> str:
     extraction = letter if letter is not None else text
     if letter is not None and 0 <= LETTERS.find(letter) < len(options):
         return options[LETTERS.find(letter)]
-    return min(options, key=lambda option: edit_distance(extraction, option))  # the first nearest, as official
+    # the first nearest, as official
+    return min(options, key=lambda option: edit_distance(extraction, option))
 
 
 def mathvista_correct(text: str, row: dict) -> bool:
@@ -259,7 +264,8 @@ def mathvision_number(text: str) -> float | None:
 
 
 def mathvision_equal(gold: str, answer: str) -> bool:
-    """Equal as lower-cased strings without spaces, or as numbers rounded to 2 decimals; empty never matches."""
+    """Equal as lower-cased strings without spaces, or as numbers rounded to 2 decimals; empty never
+    matches."""
     gold, answer = gold.lower().replace(" ", ""), answer.lower().replace(" ", "")
     if not gold or not answer:
         return False
@@ -311,10 +317,12 @@ SCORERS = {"mathvista": mathvista_correct, "mathvision": mathvision_correct, "cv
 
 
 def score(name: str, predicted: str | None, row: dict) -> bool:
-    """Is the predicted answer (the <answer> text; None when missing) right for `row` (a to_prompt_row output)?
+    """Is the predicted answer (the <answer> text; None when missing) right for `row` (a to_prompt_row
+    output)?
 
-    Example: score("mathvista", "B", {"answer": "4", "options": ["3", "4"], "answer_type": "multi_choice", ...})
-             -> True; score("cvbench", "(B)", {"answer": "(A)", ...}) -> False. Missing or blank is never right.
+    Example: score("mathvista", "B", {"answer": "4", "options": ["3", "4"], "answer_type": "multi_choice",
+             ...}) -> True; score("cvbench", "(B)", {"answer": "(A)", ...}) -> False.
+             Missing or blank is never right.
     """
     spec(name)
     if predicted is None or not predicted.strip():
@@ -364,9 +372,10 @@ def load(name: str, split: str | None = None):
         raise SystemExit(f"{s.hub_id} (split {split or s.split}): no column(s) {missing}; "
                          f"columns: {ds.column_names}.")
     ds = ds.cast_column(s.image, Image(decode=False))
-    features = Features({s.image: ds.features[s.image], "question": Value("string"), "answer": Value("string"),
-                         "options": List(Value("string")), "answer_type": Value("string"),
-                         "precision": Value("int32"), "source": Value("string")})
+    features = Features({s.image: ds.features[s.image], "question": Value("string"),
+                         "answer": Value("string"), "options": List(Value("string")),
+                         "answer_type": Value("string"), "precision": Value("int32"),
+                         "source": Value("string")})
 
     def our_columns(row: dict) -> dict:
         mapped = to_prompt_row(name, row)

@@ -80,8 +80,8 @@ class LocalJudge:
     works, because left-padded positions are masked out and generation starts after the last real token.
     """
 
-    def __init__(self, model_name_or_path: str, device: str = "cpu", dtype=torch.float32, batch_size: int = 16,
-                 max_new_tokens: int = 8):
+    def __init__(self, model_name_or_path: str, device: str = "cpu", dtype=torch.float32,
+                 batch_size: int = 16, max_new_tokens: int = 8):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device, self.batch_size, self.max_new_tokens = device, batch_size, max_new_tokens
@@ -187,7 +187,8 @@ class UrlJudge:
         return hashlib.sha256(json.dumps([self.model, prompt]).encode("utf-8")).hexdigest()
 
     def post(self, prompt: str):
-        """The decoded JSON body of one chat completion (None if it is not JSON), retrying as the class says."""
+        """The decoded JSON body of one chat completion (None if it is not JSON), retrying as the class
+        says."""
         body = {"model": self.model, "messages": [{"role": "user", "content": prompt}]}
         body |= {"temperature": self.temperature} if self.temperature is not None else {}
         body |= {"max_tokens": self.max_tokens} if self.max_tokens is not None else {}
@@ -212,12 +213,14 @@ class UrlJudge:
                 last = f"HTTP {error.code}"
                 retry_after = error.headers.get("Retry-After", "")
                 wait = max(wait, float(retry_after)) if retry_after.replace(".", "", 1).isdigit() else wait
-            except (OSError, HTTPException) as error:  # timeouts, refused or dropped connections (URLError too)
+            # timeouts, refused or dropped connections (URLError too)
+            except (OSError, HTTPException) as error:
                 last = repr(error)
             if attempt < self.max_retries:
                 time.sleep(min(wait, self.max_backoff))
         cached = f" Replies so far are in {self.cache_path}; rerun to resume." if self.cache_path else ""
-        raise RuntimeError(f"{self.url}: no reply after {self.max_retries + 1} attempts (last: {last}).{cached}")
+        raise RuntimeError(f"{self.url}: no reply after {self.max_retries + 1} attempts "
+                           f"(last: {last}).{cached}")
 
     def ask(self, prompt: str) -> str | None:
         """One reply, from the cache or the endpoint (then appended to the cache)."""

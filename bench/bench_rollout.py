@@ -47,11 +47,12 @@ def build(shape: str, folder: Path, device: str, dtype):
         from transformers import Qwen2VLForConditionalGeneration
 
         config = model.config
-        config.text_config.update(dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-                                       num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-                                       layer_types=["full_attention"] * 28))
+        config.text_config.update(dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                                       num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                                       max_position_embeddings=32768, layer_types=["full_attention"] * 28))
         config.text_config.rope_parameters["mrope_section"] = [16, 24, 24]
-        config.vision_config.update(dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4))
+        config.vision_config.update(dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16,
+                                         mlp_ratio=4))
         processor.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 448 * 448}
         with torch.device(device):
             model = Qwen2VLForConditionalGeneration(config)
@@ -69,7 +70,8 @@ def timed(fn, device: str) -> float:
 
 
 def copy_bandwidth(device: str, gib: float = 1.0) -> float:
-    """Bytes/s of a device-to-device copy (each byte read once and written once): the HBM rate decode can use."""
+    """Bytes/s of a device-to-device copy (each byte read once and written once): the HBM rate decode can
+    use."""
     src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -84,7 +86,8 @@ def bytes_per_step(model, rows: int, context: float) -> float:
     weights = [*text.layers.parameters(), *text.norm.parameters(), model.lm_head.weight]
     config = model.config.text_config
     head_dim = config.hidden_size // config.num_attention_heads
-    kv = 2 * config.num_hidden_layers * rows * config.num_key_value_heads * head_dim * context  # keys + values
+    # keys + values
+    kv = 2 * config.num_hidden_layers * rows * config.num_key_value_heads * head_dim * context
     return sum(p.numel() * p.element_size() for p in weights) + kv * model.lm_head.weight.element_size()
 
 
@@ -95,18 +98,22 @@ def main() -> None:
     parser.add_argument("--settings", default="distinct,group", help="distinct and/or group")
     parser.add_argument("--group-size", type=int, default=8, help="G for the group setting")
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens decoded per completion")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (best is kept) after one warm-up")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed repeats (best is kept) after one warm-up")
     parser.add_argument("--quick", action="store_true", help="one timed run after the warm-up (--repeats 1)")
     parser.add_argument("--static-batches", default="all",
-                        help="batches that also time generate(cache_implementation='static'): all, none or 8,64")
+                        help="batches that also time generate(cache_implementation='static'): "
+                             "all, none or 8,64")
     parser.add_argument("--fast-compile", default="auto",
                         help="ours-fast's torch.compile mode: auto (reduce-overhead on CUDA, none on CPU), "
                              "none, default, reduce-overhead, max-autotune-no-cudagraphs")
-    parser.add_argument("--profile", action="store_true", help="print a torch.profiler table of one ours-fast call "
-                                                               "(largest batch, last setting)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print a torch.profiler table of one ours-fast call "
+                             "(largest batch, last setting)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # the one difference besides the compile mode
+    # the one difference besides the compile mode
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     batches = [int(b) for b in args.batches.split(",")]
     named = {"all": batches, "none": []}
     static_batches = named[args.static_batches] if args.static_batches in named else \
@@ -129,8 +136,8 @@ def main() -> None:
             questions = [f"How many red shapes are there? ({i})" for i in range(prompts)]
             prompt = stage1.to_device(stage1.encode_prompts(processor, images, questions), device)
             sample = dict(temperature=1.0, generator=torch.Generator(device).manual_seed(0))
-            generate = dict(max_new_tokens=n, min_new_tokens=n, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                            num_return_sequences=G, pad_token_id=pad)
+            generate = dict(max_new_tokens=n, min_new_tokens=n, do_sample=True, temperature=1.0, top_k=0,
+                            top_p=1.0, num_return_sequences=G, pad_token_id=pad)
             calls = {
                 "simple": lambda: stage2.sample_completions(model, prompt, G, n, [], [], pad, **sample),
                 "fast": lambda: stage2.sample_completions_fast(model, prompt, G, n, [], [], pad, **sample,
@@ -142,7 +149,8 @@ def main() -> None:
             for name, fn in calls.items():
                 if name == "static" and batch not in static_batches:
                     continue
-                first = timed(fn, device)  # warm-up: compiles, captures CUDA graphs, fills the allocator's cache
+                # warm-up: compiles, captures CUDA graphs, fills the allocator's cache
+                first = timed(fn, device)
                 seconds[name] = min(timed(fn, device) for _ in range(repeats))
                 if name == "fast":
                     decoder = list(stage2.DECODERS.values())[-1]
@@ -153,23 +161,27 @@ def main() -> None:
             roofline = bandwidth / bytes_per_step(model, batch, context) * batch if bandwidth else None
             rows.append((batch, setting, {k: batch * n / s for k, s in seconds.items()}, roofline))
             profile_call = calls["fast"]
-            print(f"  batch {batch} {setting}: " + ", ".join(f"{k} {batch * n / s:,.0f} tok/s" for k, s in seconds.items())
+            print(f"  batch {batch} {setting}: "
+                  + ", ".join(f"{k} {batch * n / s:,.0f} tok/s" for k, s in seconds.items())
                   + f"  ({time.perf_counter() - started:.0f} s)", flush=True)
 
     where = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"\n{args.shape} shape, {dtype}, on {where} ({torch.get_num_threads()} threads), {n} new tokens, sampled at "
-          f"T=1, fixed length, best of {repeats}; torch {torch.__version__}, transformers "
+    print(f"\n{args.shape} shape, {dtype}, on {where} ({torch.get_num_threads()} threads), {n} new tokens, "
+          f"sampled at T=1, fixed length, best of {repeats}; torch {torch.__version__}, transformers "
           f"{importlib.import_module('transformers').__version__}")
     if bandwidth:
-        print(f"device-to-device copy: {bandwidth / 1e12:.2f} TB/s (read + write); roofline = that / bytes read per "
-              f"decode step (weights + KV cache at the mean context) x batch")
-    header = ["batch", "setting"] + [f"{c} tok/s" for c in ["ours-simple", "ours-fast", "generate", "generate-static"]]
+        print(f"device-to-device copy: {bandwidth / 1e12:.2f} TB/s (read + write); roofline = that / "
+              f"bytes read per decode step (weights + KV cache at the mean context) x batch")
+    header = ["batch", "setting"] + [
+        f"{c} tok/s" for c in ["ours-simple", "ours-fast", "generate", "generate-static"]]
     header += ["fast / generate", "simple / generate", "static / generate", "fast ms/step"]
     header += ["roofline tok/s", "fast % roofline", "generate % roofline"] if bandwidth else []
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-    for batch, setting, rate, roofline in sorted(rows, key=lambda r: r[:2]):  # --batches may list them in any order
+    # --batches may list them in any order
+    for batch, setting, rate, roofline in sorted(rows, key=lambda r: r[:2]):
         cells = [str(batch), setting] + [f"{rate[c]:,.0f}" if c in rate else "" for c in COLUMNS]
-        cells += [f"{rate[c] / rate['generate']:.2f}x" if c in rate else "" for c in ("fast", "simple", "static")]
+        cells += [f"{rate[c] / rate['generate']:.2f}x" if c in rate else ""
+                  for c in ("fast", "simple", "static")]
         cells += [f"{1000 * batch / rate['fast']:.1f}"]
         if roofline:
             cells += [f"{roofline:,.0f}", f"{100 * rate['fast'] / roofline:.1f} %",
@@ -178,10 +190,11 @@ def main() -> None:
     print()
     for key, setup in setups.items():
         if key[0] == "generate-static":
-            print(f"generate-static compile (first call minus a timed one), batch {key[1]} {key[2]}: {setup:.1f} s")
+            print(f"generate-static compile (first call minus a timed one), batch {key[1]} {key[2]}: "
+                  f"{setup:.1f} s")
         else:
-            print(f"ours-fast compile + capture, {key[0]} rows x {key[1]} cache slots: {setup.setup_seconds:.1f} s "
-                  f"(mode {setup.compile_mode})")
+            print(f"ours-fast compile + capture, {key[0]} rows x {key[1]} cache slots: "
+                  f"{setup.setup_seconds:.1f} s (mode {setup.compile_mode})")
     if args.profile and profile_call is not None:
         from torch.profiler import ProfilerActivity, profile
 

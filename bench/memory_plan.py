@@ -12,7 +12,8 @@ fp32 (8 B). Full fine-tuning loads the policy in fp32 (a frozen vision tower is 
 autocast keeps a bf16 copy of every trained Linear weight it casts until its region ends (2 B); LoRA
 keeps a bf16 base and fp32 adapters. The rows of the table:
 
-  policy weights      full: 4 B x trained parameters + 2 B x a frozen vision tower;  LoRA: 2 B x base + 4 B x adapters
+  policy weights      full: 4 B x trained parameters + 2 B x a frozen vision tower;
+                      LoRA: 2 B x base + 4 B x adapters
   gradients, AdamW    4 B and 8 B x trained parameters
   autocast bf16 copy  2 B x trained Linear parameters (autocast's cache holds them through a forward)
   reference           --kl-beta > 0: full FT a bf16 copy of the policy; LoRA none (adapters disabled)
@@ -95,8 +96,8 @@ _QWEN25_VL_COMMON = {
     "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
     "vision_start_token_id": 151652, "vision_end_token_id": 151653, "vision_token_id": 151654,
     "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu", "initializer_range": 0.02,
-    "max_position_embeddings": 128000, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
-    "use_sliding_window": False, "use_cache": True, "torch_dtype": "bfloat16",
+    "max_position_embeddings": 128000, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "sliding_window": 32768, "use_sliding_window": False, "use_cache": True, "torch_dtype": "bfloat16",
     "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
 }
 _QWEN25_VL_VISION = {
@@ -143,7 +144,8 @@ CONFIGS = {
 # ----------------------------------------------------------------------------- parameter counts (meta device)
 @dataclass(frozen=True)
 class Shape:
-    """What the plan needs of one Qwen2.5-VL: widths, and parameter counts taken from the meta-device model."""
+    """What the plan needs of one Qwen2.5-VL: widths, and parameter counts taken from the meta-device
+    model."""
     layers: int  # decoder layers
     hidden: int  # h
     heads: int  # attention heads
@@ -171,7 +173,8 @@ def qwen_config(name_or_dict):
     """A Qwen2_5_VLConfig from a config.json dict (or the name of one in CONFIGS)."""
     from transformers import Qwen2_5_VLConfig
 
-    return Qwen2_5_VLConfig.from_dict(CONFIGS[name_or_dict] if isinstance(name_or_dict, str) else name_or_dict)
+    return Qwen2_5_VLConfig.from_dict(
+        CONFIGS[name_or_dict] if isinstance(name_or_dict, str) else name_or_dict)
 
 
 def meta_model(name: str):
@@ -292,7 +295,8 @@ def plan(config_name: str, lora_rank: int = 0, micro_batch: int = 8, *, chunk: i
     b, T, c, N = micro_batch, prompt_len + completion_len, min(chunk, completion_len), prompts * group
     out = {}
     frozen_vision = s.vision_params if freeze_vision else 0  # stage 5 stores a frozen vision tower in C bytes
-    out["policy weights"] = C * s.total + 4 * n_lora if lora else 4 * (s.total - frozen_vision) + C * frozen_vision
+    out["policy weights"] = (C * s.total + 4 * n_lora if lora
+                             else 4 * (s.total - frozen_vision) + C * frozen_vision)
     out["gradients"] = 4 * trained
     out["AdamW states"] = 8 * trained
     cast = n_lora if lora else s.linear_params + (0 if freeze_vision else s.vision_linear_params)
@@ -328,7 +332,8 @@ def plan(config_name: str, lora_rank: int = 0, micro_batch: int = 8, *, chunk: i
     chunk_forward = 8 * b * c * V
     out["rollout KV cache"] = 2 * s.layers * N * kv_dim * (prompt_len + completion_len) * C
     out["KV caches kept between steps"] = kv_caches_kept * out["rollout KV cache"]
-    out["sampler logits"] = (22 if cuda else 20) * N * V  # stage 2's (N, V) logits, log-softmax, mask, softmax
+    # stage 2's (N, V) logits, log-softmax, mask, softmax
+    out["sampler logits"] = (22 if cuda else 20) * N * V
     largest = 0 if lora else s.largest_param  # (an adapter's tensors are small)
     out["optimizer step transient"] = {"foreach": 4 * trained, "fused": 0, "for-loop": 8 * largest}[optimizer]
     out["CUDA context + allocator"] = context if cuda else 0
@@ -348,8 +353,8 @@ def plan(config_name: str, lora_rank: int = 0, micro_batch: int = 8, *, chunk: i
 
 COMPONENTS = ["policy weights", "gradients", "AdamW states", "autocast bf16 copy", "reference", "CRM",
               "activations: layer boundaries", "activations: one layer's recompute", "logits: one chunk",
-              "rollout KV cache", "KV caches kept between steps", "sampler logits", "optimizer step transient",
-              "CUDA context + allocator"]
+              "rollout KV cache", "KV caches kept between steps", "sampler logits",
+              "optimizer step transient", "CUDA context + allocator"]
 PHASES = ["phase: rollout", "phase: forward", "phase: backward", "phase: optimizer step"]
 MICRO_BATCHES = (16, 8, 4, 2, 1)  # --micro-batch-size candidates (16 rows = 21,504 tokens per forward)
 
@@ -396,8 +401,9 @@ def print_table(micro_batch: int = 8, chunk: int = 256, lora_rank: int = 64) -> 
               f"{lora_params(n, lora_rank):,}")
     print(f"CRM (ModernBERT-large, 2 labels): {crm_params():,} parameters\n")
     print(f"GB (1e9 bytes) at micro-batch {micro_batch}, --logprob-chunk {chunk}, --gradient-checkpointing, "
-          f"--freeze-vision-tower, --kl-beta > 0; stage 5 as it stands: fused AdamW, gradients freed after the "
-          f"step, one KV cache kept by the fast sampler; 8 prompts x G 8, T = 320 + 1,024 tokens:\n")
+          f"--freeze-vision-tower, --kl-beta > 0; stage 5 as it stands: fused AdamW, gradients freed "
+          f"after the step, one KV cache kept by the fast sampler; 8 prompts x G 8, "
+          f"T = 320 + 1,024 tokens:\n")
     columns = [(f"{n.upper()} " + (f"LoRA r{rank}" if rank else "full"),
                 plan(n, rank, micro_batch, chunk=chunk)) for n in ("3b", "7b") for rank in (0, lora_rank)]
     print("| component | " + " | ".join(name for name, _ in columns) + " |")
@@ -431,9 +437,10 @@ def print_table(micro_batch: int = 8, chunk: int = 256, lora_rank: int = 64) -> 
 
 # ----------------------------------------------------------------------------- --shape: random, real-shaped
 def random_model(name: str, device: str, dtype=torch.bfloat16) -> tuple:
-    """A random-weight model of the real shape ("3b", "7b", "check"; or "crm" for ModernBERT-large), in memory,
-    with the embedded tokenizer (its few hundred ids; the embedding keeps the real vocabulary) and, for the
-    policy, an image processor capped at 448x448: (model, processor) or, for "crm", (model, tokenizer)."""
+    """A random-weight model of the real shape ("3b", "7b", "check"; or "crm" for ModernBERT-large), in
+    memory, with the embedded tokenizer (its few hundred ids; the embedding keeps the real vocabulary) and,
+    for the policy, an image processor capped at 448x448: (model, processor) or, for "crm", (model,
+    tokenizer)."""
     from transformers import (AutoProcessor, AutoTokenizer, ModernBertConfig,
                               ModernBertForSequenceClassification, Qwen2_5_VLForConditionalGeneration,
                               Qwen2_5_VLProcessor)
@@ -467,7 +474,8 @@ def random_model(name: str, device: str, dtype=torch.bfloat16) -> tuple:
         base.image_processor.size = {"shortest_edge": 56 * 56, "longest_edge": 448 * 448}
         base.tokenizer.padding_side = "left"  # as stage1.load_policy sets it
         processor = Qwen2_5_VLProcessor(image_processor=base.image_processor, tokenizer=base.tokenizer,
-                                        video_processor=base.video_processor, chat_template=base.chat_template)
+                                        video_processor=base.video_processor,
+                                        chat_template=base.chat_template)
         return model.eval(), processor
     finally:
         torch.set_default_dtype(default)
@@ -612,8 +620,9 @@ def measure_logprobs(chunked: bool, rows: int, completion_len: int, chunk: int) 
 
 
 def in_subprocess(function: str, **kwargs) -> dict:
-    """Run a measure_* function in a fresh interpreter, so the peak RSS is its own. glibc is told to hand every
-    freed block above 64 KB back to the system, so RSS follows the live tensors, not the malloc heap."""
+    """Run a measure_* function in a fresh interpreter, so the peak RSS is its own. glibc is told to hand
+    every freed block above 64 KB back to the system, so RSS follows the live tensors, not the malloc
+    heap."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2"}
     code = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'bench')!r}); import memory_plan as m; "
@@ -642,8 +651,8 @@ def check() -> dict:
     report = {}
     cfg = CHECK_CONFIG
     print(f"CPU check: Qwen2.5-VL, text hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, "
-          f"V = {cfg['vocab_size']:,} (untied lm_head), fp32, --freeze-vision-tower; stage 5's update, second "
-          f"micro-batch and AdamW step. Peak RSS above the RSS before the model.\n")
+          f"V = {cfg['vocab_size']:,} (untied lm_head), fp32, --freeze-vision-tower; stage 5's update, "
+          f"second micro-batch and AdamW step. Peak RSS above the RSS before the model.\n")
     print("| run | micro-batch x tokens | phase | plan (GB) | measured (GB) | measured / plan "
           "| difference (MB) |")
     print("|---|---|---|---:|---:|---:|---:|")

@@ -25,8 +25,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))  # the stages import each other by file name
 sys.path.insert(0, str(ROOT))
-stage1, stage2, stage3, stage4, stage5 = map(importlib.import_module,
-                                             ["01_sft_rm", "02_rollout", "03_rewards", "04_hras", "05_grpo_train"])
+stage1, stage2, stage3, stage4, stage5 = map(
+    importlib.import_module, ["01_sft_rm", "02_rollout", "03_rewards", "04_hras", "05_grpo_train"])
 memory_plan = importlib.import_module("memory_plan")
 
 GB = 1e9
@@ -64,8 +64,9 @@ def bf16_gap(cfg, model, prompt, ids, mask, sampler_logprobs) -> dict:
     """How far the update's forward is from the sampler's recorded log-probs on the same tokens."""
     with torch.no_grad():
         rows = list(range(ids.shape[0]))
-        forward = torch.cat([stage5.batch_logprobs(cfg, model, prompt, ids, mask, rows[s:s + cfg.micro_batch_size],
-                                                   None) for s in range(0, len(rows), cfg.micro_batch_size)])
+        forward = torch.cat([
+            stage5.batch_logprobs(cfg, model, prompt, ids, mask, rows[s:s + cfg.micro_batch_size], None)
+            for s in range(0, len(rows), cfg.micro_batch_size)])
     diff = (forward.float() - sampler_logprobs)[mask.bool()]  # (tokens,)
     ratio = diff.exp()
     return {"mean_abs": diff.abs().mean().item(), "p99_abs": diff.abs().quantile(0.99).item(),
@@ -76,15 +77,17 @@ def run(setting: dict, device: str, steps: int, new_tokens: int, dtype_flag: str
     torch.cuda.empty_cache() if device == "cuda" else None
     torch.cuda.reset_peak_memory_stats() if device == "cuda" else None
     cfg = stage5.Config(group_size=8, prompts_per_step=8, max_new_tokens=new_tokens, device=device,
-                        micro_batch_size=setting["micro_batch"], logprob_chunk=setting["chunk"], gradient_checkpointing=True,
-                        freeze_vision_tower=True, lora_rank=setting["lora_rank"], lora_alpha=2.0 * setting["lora_rank"],
+                        micro_batch_size=setting["micro_batch"], logprob_chunk=setting["chunk"],
+                        gradient_checkpointing=True, freeze_vision_tower=True,
+                        lora_rank=setting["lora_rank"], lora_alpha=2.0 * setting["lora_rank"],
                         kl_beta=setting["kl_beta"], lr=1e-6, pi_old="recompute", dtype=dtype_flag)
     dtype = stage1.compute_dtype(device, cfg.dtype)
     started = time.time()
     lora = setting["lora_rank"] > 0
     model, processor = memory_plan.random_model(setting["shape"], device, dtype if lora else torch.float32)
     model = stage5.add_lora(cfg, model) if lora else model
-    stage1.unwrap(model).model.visual.requires_grad_(False).to(dtype)  # as stage 5 does with --freeze-vision-tower
+    # as stage 5 does with --freeze-vision-tower
+    stage1.unwrap(model).model.visual.requires_grad_(False).to(dtype)
     stage5.enable_checkpointing(model)
     reference = None
     if cfg.kl_beta > 0 and not lora:
@@ -117,7 +120,8 @@ def run(setting: dict, device: str, steps: int, new_tokens: int, dtype_flag: str
         if step == 0:
             result["bf16_gap"] = bf16_gap(cfg, model, prompt, ids, mask, old_logprobs)
         t0 = time.time()
-        stage5.update(cfg, model, reference, optimizer, scheduler, prompt, ids, mask, old_logprobs, advantages)
+        stage5.update(cfg, model, reference, optimizer, scheduler, prompt, ids, mask, old_logprobs,
+                      advantages)
         sync(device)
         result["update_s"].append(time.time() - t0)
     result["peak"] = torch.cuda.max_memory_allocated() if device == "cuda" else float("nan")
@@ -138,13 +142,15 @@ def main() -> None:
                         help="comma-separated <shape>-<full|lora>, shapes 3b, 7b (check: a small CPU shape)")
     parser.add_argument("--steps", type=int, default=2, help="GRPO steps per setting")
     parser.add_argument("--new-tokens", type=int, default=1024, help="sampled tokens per completion")
-    parser.add_argument("--dtype", default="auto", help="compute precision (auto = bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--dtype", default="auto",
+                        help="compute precision (auto = bf16 on CUDA, fp32 on CPU)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []
     for setting in settings(args.settings.split(","), args.new_tokens):
-        print(f"\n{setting['name']}: micro-batch {setting['micro_batch']}, --logprob-chunk {setting['chunk']}, "
-              f"LoRA rank {setting['lora_rank']}, kl_beta {setting['kl_beta']}, plan {setting['plan'] / GB:.1f} GB",
+        print(f"\n{setting['name']}: micro-batch {setting['micro_batch']}, "
+              f"--logprob-chunk {setting['chunk']}, LoRA rank {setting['lora_rank']}, "
+              f"kl_beta {setting['kl_beta']}, plan {setting['plan'] / GB:.1f} GB",
               flush=True)
         try:
             rows.append(run(setting, device, args.steps, args.new_tokens, args.dtype))
@@ -154,16 +160,16 @@ def main() -> None:
             gc.collect()
             torch.cuda.empty_cache()
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"\n{name}, {args.dtype} compute, {args.steps} steps of 8 prompts x G = 8, {args.new_tokens} new tokens, "
-          f"448x448 images")
+    print(f"\n{name}, {args.dtype} compute, {args.steps} steps of 8 prompts x G = 8, "
+          f"{args.new_tokens} new tokens, 448x448 images")
     print("| setting | plan GB | measured peak GB | rollout s/step | update s/step | tokens/step | "
           "bf16 gap mean / p99 | outside clip |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         gap = r["bf16_gap"]
-        print(f"| {r['setting']} | {r['plan'] / GB:.1f} | {r['peak'] / GB:.1f} | {r['rollout_s'][-1]:.1f} | "
-              f"{r['update_s'][-1]:.1f} | {r['tokens'][-1]:,} | {gap['mean_abs']:.4f} / {gap['p99_abs']:.4f} | "
-              f"{gap['outside_clip']:.2%} |")
+        print(f"| {r['setting']} | {r['plan'] / GB:.1f} | {r['peak'] / GB:.1f} | "
+              f"{r['rollout_s'][-1]:.1f} | {r['update_s'][-1]:.1f} | {r['tokens'][-1]:,} | "
+              f"{gap['mean_abs']:.4f} / {gap['p99_abs']:.4f} | {gap['outside_clip']:.2%} |")
 
 
 if __name__ == "__main__":
