@@ -1,5 +1,5 @@
-"""Stage 1's CRM data under the chain oracle (steps -> conclusion -> answer), the held-out step-conclusion pairs,
-the reports that split inconsistency by link, and a CRM build that leaves the shared BPE alone."""
+"""Stage 1's CRM data under the chain oracle (steps -> conclusion -> answer), the held-out step-conclusion
+pairs, the reports that split inconsistency by link, and a CRM build that leaves the shared BPE alone."""
 import torch
 from PIL import Image
 
@@ -49,7 +49,8 @@ def test_step_conclusion_pairs_differ_only_in_their_steps():
         ("I count the red shapes: 1, 2, 3. So the answer is 3.", "3", 1, "count"),
         ("I count the red shapes: 1, 2, 3. So the answer is 5.", "5", 0, "count"),  # even: wrong conclusion
         ("Heights: A 4, B 1, C 6. So the answer is C.", "C", 1, "bars"),
-        ("Heights: A 6, B 1, C 4. So the answer is C.", "C", 0, "bars")]  # odd: misread steps, true conclusion
+        # odd row: misread steps, true conclusion
+        ("Heights: A 6, B 1, C 4. So the answer is C.", "C", 0, "bars")]
     assert all(stage1.thinking_conclusion(p["thinking"]) == p["answer"] for p in pairs)
 
 
@@ -113,10 +114,11 @@ class FakeModel:
 
 
 def test_greedy_check_reports_each_link():
-    replies = ["<think>I count the red shapes: 1, 2, 3. So the answer is 3.</think><answer>3</answer>",  # right
-               "<think>I count the red shapes: 1, 2, 3. So the answer is 5.</think><answer>5</answer>",  # steps fail
-               "<think>Heights: A 4, B 1, C 6. So the answer is C.</think><answer>B</answer>",  # answer fails
-               "no tags at all"]  # nothing parsed
+    replies = [  # right; the steps link fails; the answer link fails; nothing to parse
+               "<think>I count the red shapes: 1, 2, 3. So the answer is 3.</think><answer>3</answer>",
+               "<think>I count the red shapes: 1, 2, 3. So the answer is 5.</think><answer>5</answer>",
+               "<think>Heights: A 4, B 1, C 6. So the answer is C.</think><answer>B</answer>",
+               "no tags at all"]
     image = Image.new("RGB", (56, 56), "white")
     test = [{"image": image, "question": "q", "answer": truth} for truth in ("3", "3", "C", "3")]
     cfg = stage1.Config(device="cpu")
