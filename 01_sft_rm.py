@@ -122,7 +122,7 @@ class Config:
     crm_steps: int = 2000  # optimiser steps of CRM SFT
     crm_batch_size: int = 64  # pairs per CRM step
     crm_lr: float = 5e-4  # peak AdamW learning rate (tiny model; use ~2e-5 for ModernBERT-large)
-    crm_max_length: int = 512  # tokens per CRM pair; longer: question + thinking's end kept (ModernBERT 8192)
+    crm_max_length: int = 512  # tokens per CRM pair; longer: question, thinking's end, answer's first 64 kept
     crm_rollout_prompts: int = 1000  # train prompts whose SFT-policy rollouts are judged into CRM data
     crm_rollout_samples: int = 4  # rollouts per prompt
     crm_rollout_temperature: float = 1.3  # their temperature (above 1: more drifted text)
