@@ -507,10 +507,17 @@ def completion_logprobs(model, prompt: dict, completion_ids: torch.Tensor, compl
         hidden = core.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
                             use_cache=False).last_hidden_state
     hidden = hidden[:, -L - 1:-1]  # (B, L, H): the state at t predicts token t + 1
+    return hidden_logprobs(core.lm_head, hidden, completion_ids, temperature, chunk_size)  # (B, L)
+
+
+def hidden_logprobs(lm_head, hidden: torch.Tensor, completion_ids: torch.Tensor, temperature: float,
+                    chunk_size: int) -> torch.Tensor:
+    """completion_logprobs' last step: lm_head + log-softmax over chunk_size positions at a time.
+    hidden (B, L, H), the state that predicts each completion token; completion_ids (B, L) -> (B, L)."""
     chunks = []
-    for start in range(0, L, chunk_size):
+    for start in range(0, completion_ids.shape[1], chunk_size):
         end = start + chunk_size
-        args = (core.lm_head, hidden[:, start:end], completion_ids[:, start:end], temperature)
+        args = (lm_head, hidden[:, start:end], completion_ids[:, start:end], temperature)
         if torch.is_grad_enabled():  # keep only the chunk's input; its logits are recomputed in backward
             chunks.append(torch.utils.checkpoint.checkpoint(chunk_logprobs, *args, use_reentrant=False))
         else:

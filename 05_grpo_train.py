@@ -245,7 +245,7 @@ def shared_prompt_logprobs(model, prompt: dict, completion_ids: torch.Tensor, co
                         **{stage2.cache_kwarg(core.model): cache}).last_hidden_state
     # the state at t predicts token t + 1: the prompt's last state predicts the first completion token
     hidden = torch.cat([out.last_hidden_state[rows, -1:], hidden[:, :-1]], dim=1)  # (N, L, H)
-    return hidden_logprobs(core.lm_head, hidden, completion_ids, temperature, chunk_size)  # (N, L)
+    return stage1.hidden_logprobs(core.lm_head, hidden, completion_ids, temperature, chunk_size)  # (N, L)
 
 
 def logprobs(model, prompt: dict, completion_ids, completion_mask, temperature: float, chunk_size: int,
@@ -257,22 +257,6 @@ def logprobs(model, prompt: dict, completion_ids, completion_mask, temperature: 
                                           chunk_size, visual)
     return shared_prompt_logprobs(model, prompt, completion_ids, completion_mask, prompt_of, temperature,
                                   chunk_size, visual)
-
-
-def hidden_logprobs(lm_head, hidden: torch.Tensor, completion_ids: torch.Tensor, temperature: float,
-                    chunk_size: int) -> torch.Tensor:
-    """completion_logprobs' last step: lm_head + log-softmax over chunk_size positions at a time, each chunk
-    checkpointed when gradients are on. hidden (N, L, H), completion_ids (N, L) -> (N, L)."""
-    chunks = []
-    for start in range(0, completion_ids.shape[1], chunk_size):
-        args = (lm_head, hidden[:, start:start + chunk_size], completion_ids[:, start:start + chunk_size],
-                temperature)
-        if torch.is_grad_enabled():
-            chunks.append(torch.utils.checkpoint.checkpoint(stage1.chunk_logprobs, *args,
-                                                            use_reentrant=False))
-        else:
-            chunks.append(stage1.chunk_logprobs(*args))
-    return torch.cat(chunks, dim=1)  # (N, L)
 
 
 def policy_loss(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
