@@ -24,6 +24,8 @@ Real sizes on one GPU: --dtype (bf16 compute on CUDA; trained weights stay fp32)
 adapters on the language model; the reference is the same model with its adapters off),
 --freeze-vision-tower (visual features once per prompt, reused by its G rows), --gradient-checkpointing,
 --logprob-chunk, --micro-batch-size. bench/memory_plan.py gives the memory each one saves.
+The update runs each prompt once per micro-batch, its G rows on copies of its keys and values
+(shared_prompt_logprobs: the same log-probs as one prompt per row, less work; not under checkpointing).
 
 Several GPUs: `torchrun --nproc-per-node N 05_grpo_train.py --parallel ddp|fsdp ...` runs this same loop on N
 ranks. Each step's P prompts are split over them, P/N each (whole groups, so rewards and HRAS need no
