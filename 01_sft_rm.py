@@ -492,22 +492,31 @@ def completion_logprobs(model, prompt: dict, completion_ids: torch.Tensor, compl
     text_types = torch.zeros_like(completion_ids)  # token type 0: text
     mm_token_type_ids = torch.cat([prompt["mm_token_type_ids"], text_types], dim=1)  # (B, P + L)
     core = unwrap(model)
-    if visual is None:  # the model's own path: the vision tower runs inside the forward
-        hidden = core.model(input_ids=input_ids, attention_mask=attention_mask,
-                            pixel_values=prompt["pixel_values"],
-                            image_grid_thw=prompt["image_grid_thw"], mm_token_type_ids=mm_token_type_ids,
-                            use_cache=False).last_hidden_state  # no KV cache: nothing is decoded after this
-    else:  # the same forward with the visual tokens given: embed the text, scatter the image features in
-        embeds = core.get_input_embeddings()(input_ids)  # (B, P + L, H)
-        image_slots = (input_ids == core.config.image_token_id).unsqueeze(-1)  # (B, P + L, 1)
-        embeds = embeds.masked_scatter(image_slots, torch.cat(visual).to(embeds.dtype))
-        positions, _ = core.model.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids,
-                                                  image_grid_thw=prompt["image_grid_thw"],
-                                                  attention_mask=attention_mask)  # (3, B, P + L)
-        hidden = core.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
-                            use_cache=False).last_hidden_state
+    # no KV cache: nothing is decoded after this forward
+    hidden = backbone(core, input_ids, attention_mask, mm_token_type_ids, prompt["pixel_values"],
+                      prompt["image_grid_thw"], visual).last_hidden_state  # (B, P + L, H)
     hidden = hidden[:, -L - 1:-1]  # (B, L, H): the state at t predicts token t + 1
     return hidden_logprobs(core.lm_head, hidden, completion_ids, temperature, chunk_size)  # (B, L)
+
+
+def backbone(core, input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw,
+             visual: list[torch.Tensor] | None, use_cache: bool = False):
+    """The decoder's forward over (B, T) tokens with one image per row -> its output: last_hidden_state
+    (B, T, H), and the KV cache when use_cache. visual None: the model's own path, the vision tower runs
+    inside. visual given (image_features, one tensor per row): the same forward with those visual tokens."""
+    if visual is None:
+        return core.model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                          image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids,
+                          use_cache=use_cache)
+    # embed the text, then scatter the image features into the image tokens' slots
+    embeds = core.get_input_embeddings()(input_ids)  # (B, T, H)
+    image_slots = (input_ids == core.config.image_token_id).unsqueeze(-1)  # (B, T, 1)
+    embeds = embeds.masked_scatter(image_slots, torch.cat(visual).to(embeds.dtype))
+    positions, _ = core.model.get_rope_index(input_ids, mm_token_type_ids=mm_token_type_ids,
+                                              image_grid_thw=image_grid_thw,
+                                              attention_mask=attention_mask)  # (3, B, T)
+    return core.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions,
+                      use_cache=use_cache)
 
 
 def hidden_logprobs(lm_head, hidden: torch.Tensor, completion_ids: torch.Tensor, temperature: float,

@@ -218,20 +218,9 @@ def shared_prompt_logprobs(model, prompt: dict, completion_ids: torch.Tensor, co
     core = stage1.unwrap(model)
     rows = torch.tensor(prompt_of, device=completion_ids.device)  # (N,): the prompt of each row
     P, L = prompt["input_ids"].shape[1], completion_ids.shape[1]
-    if visual is None:  # 1. each prompt once, keeping its keys and values
-        out = core.model(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"],
-                         pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"],
-                         mm_token_type_ids=prompt["mm_token_type_ids"], use_cache=True)
-    else:  # the visual features given: embed the text, scatter them in (as completion_logprobs does)
-        embeds = core.get_input_embeddings()(prompt["input_ids"])  # (B, P, H)
-        image_slots = (prompt["input_ids"] == core.config.image_token_id).unsqueeze(-1)  # (B, P, 1)
-        embeds = embeds.masked_scatter(image_slots, torch.cat(visual).to(embeds.dtype))
-        positions, _ = core.model.get_rope_index(prompt["input_ids"],
-                                                  mm_token_type_ids=prompt["mm_token_type_ids"],
-                                                  image_grid_thw=prompt["image_grid_thw"],
-                                                  attention_mask=prompt["attention_mask"])  # (3, B, P)
-        out = core.model(inputs_embeds=embeds, attention_mask=prompt["attention_mask"],
-                         position_ids=positions, use_cache=True)
+    # 1. each prompt once, keeping its keys and values
+    out = stage1.backbone(core, prompt["input_ids"], prompt["attention_mask"], prompt["mm_token_type_ids"],
+                          prompt["pixel_values"], prompt["image_grid_thw"], visual, use_cache=True)
     cache, prompt_cache = DynamicCache(), out.cache if "cache" in out else out.past_key_values
     for i, layer in enumerate(prompt_cache.layers):  # 2. copy each prompt's keys and values to its rows
         cache.update(layer.keys[rows], layer.values[rows], i)  # (N, H_kv, P, D) each
