@@ -9,7 +9,8 @@ Reading guide: the file reads top to bottom as the lesson. Config (every knob, o
   5. main()                        the stage in order, with the numbers it prints
 Appendix A (the embedded toy world: drawing the tasks, the BPE, the tiny models) and Appendix B (atomic files,
 the command line, real datasets checked row by row, the CRM tried before SFT, the LLM judge's plumbing) hold
-what a run needs but the lesson does not: skip them on a first reading.
+what a run needs but the lesson does not: skip them on a first reading. Loading real datasets and judged CRM
+data is in adapters/real_data.py.
 
 CORA (arXiv 2606.14691) trains a vision-language policy with GRPO and adds a learned
 *consistency reward*: a frozen text classifier that reads the question and the policy's
@@ -84,6 +85,8 @@ import torch
 import torch.utils.checkpoint
 from PIL import Image, ImageDraw
 from tqdm import tqdm
+
+from adapters import real_data
 
 
 # ------------------------------- Config: every knob of the stage, one line each
@@ -903,10 +906,10 @@ def main(cfg: Config) -> dict:
     embedded, judged = cfg.dataset is None, bool(cfg.judge or cfg.judge_url)
 
     # 0. every input read and checked before any model loads; the CRM and the judge tried before any SFT
-    crm_rows = read_crm_jsonl(cfg.crm_data) if cfg.crm_data else None
+    crm_rows = real_data.read_crm_jsonl(cfg.crm_data) if cfg.crm_data else None
     if crm_rows is not None:
-        check_crm_rows(crm_rows, f"--crm-data {cfg.crm_data}")
-    data = build_embedded_dataset(cfg) if embedded else load_real_dataset(cfg)
+        real_data.check_crm_rows(crm_rows, f"--crm-data {cfg.crm_data}")
+    data = build_embedded_dataset(cfg) if embedded else real_data.load_real_dataset(cfg)
     train_split, test_split = ("train", "test") if embedded else (cfg.train_split, cfg.test_split)
     train, test = data[train_split], data[test_split]
     if not embedded:
@@ -977,7 +980,7 @@ def main(cfg: Config) -> dict:
             oracle = [int(oracle_consistent(r["thinking"], r["answer"])) for r in labelled]
             summary["judge"]["agreement"] = judges.agreement([r["label"] for r in labelled], oracle)
         else:
-            check_crm_rows(labelled, f"the judge's labels of {stats['rows']} SFT-policy rollouts")
+            real_data.check_crm_rows(labelled, f"the judge's labels of {stats['rows']} SFT-policy rollouts")
             train_pairs, test_pairs = held_out_split(labelled, cfg.seed)
     crm, crm_tokenizer = load_crm(crm_path, cfg.device)
     crm_tokenizer.model_max_length = cfg.crm_max_length  # saved with it: later stages cut pairs as it trained
@@ -1382,98 +1385,7 @@ def parse_config(config_class, description: str, argv=None):
     return config_class(**vars(parser.parse_args(argv)))
 
 
-# B.3 real data: loaded and checked row by row before any model loads
-def dataset_columns(cfg: Config) -> list[str]:
-    """The columns every row of a real dataset needs."""
-    columns = [cfg.image_column, cfg.question_column, cfg.answer_column]
-    return columns + [cfg.target_column] * bool(cfg.target_column)
-
-
-def check_jsonl_dataset(cfg: Config, path: str) -> None:
-    """A JSONL --dataset read line by line first: a broken line, a row that is not an object or lacks a
-    column, or a file with no rows stops here with the file and the line named (datasets' own errors name
-    neither)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise SystemExit(f"--dataset {path}: cannot read it as UTF-8 text ({error}).")
-    rows = 0
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise SystemExit(f"--dataset {path}, line {number}: not valid JSON ({error}).")
-        if not isinstance(row, dict):
-            raise SystemExit(f"--dataset {path}, line {number}: not a JSON object (one row per line).")
-        for column in dataset_columns(cfg):
-            if column not in row:
-                raise SystemExit(f"--dataset {path}, line {number}: no column '{column}'. Columns: "
-                                 f"{list(row)}. Name the right one with --image-column, --question-column, "
-                                 f"--answer-column or --target-column.")
-            if row[column] is None or (column == cfg.image_column and not isinstance(row[column], str)):
-                wanted = "an image path (relative to the file)" if column == cfg.image_column else "a value"
-                raise SystemExit(f"--dataset {path}, line {number}: column '{column}' holds {row[column]!r}; "
-                                 f"it must hold {wanted}.")
-        rows += 1
-    if rows == 0:
-        raise SystemExit(f"--dataset {path}: the file holds no rows (one JSON object per line).")
-
-
-def load_real_dataset(cfg: Config):
-    """--dataset as a load_from_disk folder, a JSONL file (image paths relative to it), a hub id, or a paper
-    benchmark's name (adapters/benchmarks.py: its evaluated split in our columns, 5 % held out to test)."""
-    from datasets import DatasetDict, Image as ImageFeature, load_dataset, load_from_disk
-
-    from adapters import benchmarks
-
-    source = cfg.dataset
-    try:
-        if Path(source).is_dir() and any((Path(source) / f).exists() for f in ("dataset_dict.json",
-                                                                               "dataset_info.json")):
-            data = load_from_disk(source)
-        elif source in benchmarks.BENCHMARKS:  # image, question, answer + the comparator's columns
-            data = benchmarks.load(source)
-        elif source.endswith((".jsonl", ".json")):
-            if not Path(source).is_file():
-                raise SystemExit(f"--dataset {source}: no such file.")
-            if source.endswith(".jsonl"):
-                check_jsonl_dataset(cfg, source)
-            data = load_dataset("json", data_files={cfg.train_split: source})
-        else:
-            data = load_dataset(source)
-    except SystemExit:
-        raise
-    except Exception as error:  # a hub id that does not exist, no network, a .json file that is not JSON
-        raise SystemExit(f"--dataset {source}: cannot load it ({error!r}). Pass a hub id, a save_to_disk "
-                         f"folder or a JSONL file.")
-    if not isinstance(data, DatasetDict):
-        data = DatasetDict({cfg.train_split: data})
-    for split in (cfg.train_split,) + (cfg.test_split,) * (cfg.test_split in data):
-        if split not in data:
-            raise SystemExit(f"--dataset {source}: no split '{split}' (splits: {list(data)}). "
-                             f"Name it with --train-split.")
-    for split, ds in data.items():
-        for column in dataset_columns(cfg):
-            if column not in ds.column_names:
-                raise SystemExit(f"--dataset {source} (split {split}): no column '{column}'. "
-                                 f"Columns: {ds.column_names}. Name the right one with --image-column, "
-                                 f"--question-column, --answer-column or --target-column.")
-        if source.endswith((".jsonl", ".json")) and ds.features[cfg.image_column].dtype == "string":
-            base = Path(source).resolve().parent
-            ds = ds.map(lambda row: {cfg.image_column: str(base / row[cfg.image_column])})
-            data[split] = ds.cast_column(cfg.image_column, ImageFeature(decode=False))
-    if cfg.test_split not in data:  # hold out 5 % when the source has no test split
-        if len(data[cfg.train_split]) < 2:
-            raise SystemExit(f"--dataset {source}: split '{cfg.train_split}' has "
-                             f"{len(data[cfg.train_split])} row(s) and there is no '{cfg.test_split}' split "
-                             f"to test on: give at least 2 rows.")
-        held = data[cfg.train_split].train_test_split(test_size=0.05, seed=cfg.seed)
-        data = DatasetDict({cfg.train_split: held["train"], cfg.test_split: held["test"]})
-    return data
-
-
+# B.3 real data: checked row by row before any model loads (loading it: adapters/real_data.py)
 def check_dataset(cfg: Config, train, test, train_split: str, test_split: str) -> None:
     """Every row of a real dataset read once, before any model loads: each image opens, each question, answer
     (and SFT target) holds text; the train split has a batch for SFT. An error names split, row and column."""
@@ -1484,7 +1396,7 @@ def check_dataset(cfg: Config, train, test, train_split: str, test_split: str) -
         raise SystemExit(f"--sft-batch-size {cfg.sft_batch_size}: the train split has only "
                          f"{len(train)} rows; pass at most {len(train)}.")
     for split, ds in [(train_split, train), (test_split, test)]:
-        for column in dataset_columns(cfg)[1:]:
+        for column in real_data.dataset_columns(cfg)[1:]:
             for index, value in enumerate(ds[column]):
                 if value is None or not str(value).strip():
                     raise SystemExit(f"--dataset {cfg.dataset}, split '{split}', row {index}: column "
@@ -1506,7 +1418,7 @@ def row_image(ds, index: int, column: str, split: str | None = None) -> Image.Im
         raise SystemExit(f"dataset {where}row {index}: cannot read the image in column '{column}' ({error}).")
 
 
-# B.4 the CRM tried before any SFT; real CRM data and the LLM judge
+# B.4 the CRM tried before any SFT; the LLM judge
 def squashed(text: str) -> str:
     """Lower case without whitespace: how a decoded text is compared with the one encoded (tokenizers may
     lower-case or re-space it)."""
@@ -1552,37 +1464,6 @@ def check_crm(cfg: Config, crm_path: str) -> None:
                          f"time (pad id {tokenizer.pad_token_id}): the classifier does not read its pairs' "
                          f"last real tokens, or its weights are not finite.")
     del crm
-
-
-def read_crm_jsonl(path: str) -> list[dict]:
-    """Real CRM data: one JSON object per line with question, thinking, answer and label (0/1 or a name)."""
-    if not Path(path).is_file():
-        raise SystemExit(f"--crm-data {path}: no such file.")
-    rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            label = row["label"]
-            if isinstance(label, str):
-                label = {"inconsistent": 0, "consistent": 1}.get(label, label)
-            if label not in (0, 1, True, False):
-                raise ValueError(f"label {row['label']!r} is not 0/1/consistent/inconsistent")
-            rows.append({"question": str(row["question"]), "thinking": str(row["thinking"]),
-                         "answer": str(row["answer"]), "label": int(label)})
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-            raise SystemExit(f"{path}, line {number}: {error!r}. Each line must be a JSON object with "
-                             f"question, thinking, answer and label.")
-    return rows
-
-
-def check_crm_rows(rows: list[dict], source: str) -> None:
-    """CRM data must hold both labels and at least 2 rows (5 % of them, at least one, is held out to test)."""
-    consistent = sum(r["label"] for r in rows)
-    if len(rows) < 2 or consistent in (0, len(rows)):
-        raise SystemExit(f"{source}: {len(rows)} labelled rows, {consistent} of them consistent: the CRM "
-                         f"needs at least 2 rows and both labels (consistent, inconsistent) to learn from.")
 
 
 def judge_rows(cfg: Config, rows: list[dict], run_dir: Path) -> tuple[list[dict], dict]:

@@ -9,7 +9,7 @@ two back ends that share one prompt and one parser:
     agreement([r["label"] for r in labelled], [r["oracle"] for r in labelled])   # where a ground truth exists
 
 Labelled rows are the input rows plus "label" (1 consistent, 0 inconsistent): the --crm-data JSONL format
-that 01_sft_rm.read_crm_jsonl reads. A reply with no verdict in it is counted (stats["unparseable"]) and
+that real_data.read_crm_jsonl reads. A reply with no verdict in it is counted (stats["unparseable"]) and
 the row dropped, never guessed.
 
 The verdict is read from the judge's generated text (greedy, a few tokens), not from the log-probabilities

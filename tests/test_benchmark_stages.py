@@ -8,6 +8,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from adapters import benchmarks as bm
+from adapters import real_data
 from conftest import load_stage
 
 stage1, stage3, stage5, stage6 = (load_stage(f) for f in ("01_sft_rm.py", "03_rewards.py", "05_grpo_train.py",
@@ -89,7 +90,7 @@ def test_stage1_loads_a_benchmark_by_name_and_stage5_rewards_with_its_comparator
     raw = [cvbench_row(i, ("ADE20K", "COCO", "Omni3D")[i % 3], "(" + "ABC"[i % 3] + ")") for i in range(20)]
     serve(monkeypatch, raw)
     cfg = stage1.Config(dataset="cvbench", skip_policy_sft=True, crm_data="unused.jsonl")
-    data = stage1.load_real_dataset(cfg)
+    data = real_data.load_real_dataset(cfg)
     assert (len(data["train"]), len(data["test"])) == (19, 1)  # no test split on the hub: 5 % of 20 held out
     assert set(stage3.COMPARATOR_COLUMNS) <= set(data["train"].column_names)
     stage1.check_dataset(cfg, data["train"], data["test"], "train", "test")  # every image opens

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from adapters import judge as jd
+from adapters import real_data
 from conftest import load_stage
 
 
@@ -157,7 +158,7 @@ def test_labelled_rows_are_crm_data(tmp_path):
     assert stats["unparseable"] == 1 and [r["label"] for r in labelled] == [1, 0]
     path = tmp_path / "crm_data.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in labelled))
-    read = load_stage("01_sft_rm.py").read_crm_jsonl(str(path))
+    read = real_data.read_crm_jsonl(str(path))
     assert read == [{k: r[k] for k in ("question", "thinking", "answer", "label")} for r in labelled]
 
 

@@ -5,6 +5,7 @@ import json
 import pytest
 from PIL import Image
 
+from adapters import real_data
 from conftest import load_stage
 
 stage1, stage2, stage3, stage4 = (load_stage(f) for f in ("01_sft_rm.py", "02_rollout.py", "03_rewards.py",
@@ -50,10 +51,10 @@ def test_jsonl_dataset_with_own_columns_runs_stages_1_to_4(user_files, tiny_run)
 
 
 def test_a_saved_dataset_folder_loads_too(user_files, tiny_run):
-    data = stage1.load_real_dataset(real_config(user_files, tiny_run))  # no test split in the file: 5 % held out
+    data = real_data.load_real_dataset(real_config(user_files, tiny_run))  # no test split in the file: 5 % held out
     assert set(data) == {"train", "test"} and len(data["train"]) + len(data["test"]) == 8
     data.save_to_disk(str(user_files / "saved"))
-    again = stage1.load_real_dataset(real_config(user_files, tiny_run, dataset=str(user_files / "saved")))
+    again = real_data.load_real_dataset(real_config(user_files, tiny_run, dataset=str(user_files / "saved")))
     assert again["test"]["q"] == data["test"]["q"]
     assert stage1.row_image(again["train"], 0, "img").mode == "RGB"
 
@@ -118,7 +119,7 @@ def test_real_data_with_a_url_judge_labels_the_policy_rollouts(user_files, tiny_
                           crm_rollout_prompts=7, crm_rollout_samples=8, max_new_tokens=48)
         summary = stage1.main(cfg)
         run_dir = user_files / "runs" / "judged"
-        rows = stage1.read_crm_jsonl(str(run_dir / "crm_data.jsonl"))
+        rows = real_data.read_crm_jsonl(str(run_dir / "crm_data.jsonl"))
         judged = summary["judge"]
         assert "agreement" not in judged  # no rule oracle on real data
         questions = {f"What is {i} + 1?" for i in range(8)}

@@ -5,6 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
+from adapters import real_data
+
 
 def test_generator_is_deterministic_by_seed(stage1):
     cfg = stage1.Config(n_train=20, n_test=5, seed=3)
@@ -128,7 +130,7 @@ def test_unknown_column_names_it_and_the_columns(stage1, tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text(json.dumps({"img": "a.png", "q": "How many?", "a": "3"}) + "\n")
     with pytest.raises(SystemExit, match=r"no column 'image'.*\['img', 'q', 'a'\].*--image-column"):
-        stage1.load_real_dataset(stage1.Config(dataset=str(path)))
+        real_data.load_real_dataset(stage1.Config(dataset=str(path)))
 
 
 def test_unreadable_image_names_the_row(stage1, tmp_path):
@@ -137,7 +139,7 @@ def test_unreadable_image_names_the_row(stage1, tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text("".join(json.dumps({"image": name, "question": "q?", "answer": "1"}) + "\n"
                             for name in ["good.png", "bad.png"]))
-    data = stage1.load_real_dataset(stage1.Config(dataset=str(path), test_split="train"))["train"]
+    data = real_data.load_real_dataset(stage1.Config(dataset=str(path), test_split="train"))["train"]
     assert stage1.row_image(data, 0, "image").size == (28, 28)
     with pytest.raises(SystemExit, match="row 1: cannot read the image"):
         stage1.row_image(data, 1, "image")
@@ -148,12 +150,12 @@ def test_malformed_crm_jsonl_names_the_line(stage1, tmp_path):
     good = {"question": "q", "thinking": "t", "answer": "a", "label": "consistent"}
     path.write_text(json.dumps(good) + "\n" + '{"question": "q", "thinking": \n')
     with pytest.raises(SystemExit, match="labels.jsonl, line 2"):
-        stage1.read_crm_jsonl(str(path))
+        real_data.read_crm_jsonl(str(path))
     path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "label": "maybe"}) + "\n")
     with pytest.raises(SystemExit, match="line 2.*maybe"):
-        stage1.read_crm_jsonl(str(path))
+        real_data.read_crm_jsonl(str(path))
     path.write_text(json.dumps(good) + "\n")
-    assert stage1.read_crm_jsonl(str(path))[0]["label"] == 1
+    assert real_data.read_crm_jsonl(str(path))[0]["label"] == 1
 
 
 def test_missing_earlier_stage_says_which_command(tmp_path):
@@ -230,7 +232,7 @@ def test_embedded_run_with_a_judge_reports_its_agreement_with_the_oracle(stage1,
     assert judged["judge"] == cfg.judge and judged["rows"] > 0 and judged["unparseable"] == 0  # always a verdict
     assert judged["labelled"] == judged["rows"] == judged["consistent"] + judged["inconsistent"]
     assert 0 < judged["consistent"] < judged["labelled"]  # the verdict changes with the prompt
-    rows = stage1.read_crm_jsonl(str(tmp_path / "runs" / "judged" / "crm_data.jsonl"))
+    rows = real_data.read_crm_jsonl(str(tmp_path / "runs" / "judged" / "crm_data.jsonl"))
     assert len(rows) == judged["labelled"] and sum(r["label"] for r in rows) == judged["consistent"]
     unlabelled = [{k: r[k] for k in ("question", "thinking", "answer")} for r in rows]
     again, _ = jd.label_rows(jd.LocalJudge(cfg.judge, batch_size=1), unlabelled)

@@ -9,6 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
+from adapters import real_data
 from conftest import ROOT, load_stage
 
 stage1 = load_stage("01_sft_rm.py")
@@ -141,7 +142,7 @@ def test_a_batch_larger_than_the_train_split(user, no_models):
 
 
 def test_a_dataset_split_that_does_not_exist(user, no_models):
-    stage1.load_real_dataset(real(user)).save_to_disk(str(user / "saved"))  # splits train and test
+    real_data.load_real_dataset(real(user)).save_to_disk(str(user / "saved"))  # splits train and test
     with pytest.raises(SystemExit, match=r"no split 'validation' \(splits: \['train', 'test'\]\)"):
         stage1.main(real(user, dataset=str(user / "saved"), train_split="validation"))
 
