@@ -453,15 +453,15 @@ def pending_runs(cfg: Config, run_dir: Path) -> list:
 
 
 def config_argv(config) -> list[str]:
-    """The command-line flags that stage1.parse_config turns back into `config`: every field that differs from
-    its default, and every switch that is on (a switch on by default still needs its flag when the parser
-    reads a missing switch as off). Checked by parsing them back: a config the flags cannot carry is an error.
+    """The command-line flags that stage1.parse_config turns back into `config`: every switch that is on (the
+    parser reads a missing switch as off), and every other field that differs from its default. Checked by
+    parsing them back: a config the flags cannot carry is an error.
     Example: stage5.Config(name="grpo_seed0", resume=True) -> ["--name", "grpo_seed0", "--resume", ...]."""
     argv = []
     for field in dataclasses.fields(config):
         value, flag = getattr(config, field.name), "--" + field.name.replace("_", "-")
         if field.type in (bool, "bool"):
-            argv += [flag] if value else ([] if value == field.default else ["--no-" + flag[2:]])
+            argv += [flag] if value else []
         elif value != field.default:
             argv += [flag, str(value)]
     try:
