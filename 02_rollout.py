@@ -207,6 +207,33 @@ class SlotCache:
         return self.keys[layer_idx], self.values[layer_idx]
 
 
+def grouped_decode_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                             attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                             scaling: float | None = None, **kwargs):
+    """Attention for one new token per row over a grouped-query cache, reading each key/value head once.
+
+    query (N, H, 1, D); key, value (N, H_kv, W, D) with H = H_kv * g; attention_mask (N, 1, 1, W), True =
+    attend -> (N, 1, H, D), transformers' attention output layout. The g query heads that share a key/value
+    head become g query rows of that head: one attention over (N, H_kv, g, D) queries, the cache as it is.
+    transformers' sdpa does the same when it runs eagerly ("pack_gqa"), but under torch.compile it copies
+    the cache out to all H heads first (repeat_kv), which on a GPU costs more memory traffic than the
+    weights (README, "On a GPU"). Anything but a one-token query (the prefill) goes to transformers' sdpa.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    N, H, Q, D = query.shape
+    if Q != 1 or key.shape[1] == H:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    grouped = query.reshape(N, key.shape[1], H // key.shape[1], D)  # (N, H_kv, g, D)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        grouped, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)  # (N, H_kv, g, D)
+    return out.reshape(N, 1, H, D), None  # head h = kv head h // g, member h % g: the order repeat_kv makes
+
+
+GROUPED_ATTENTION = "cora_grouped_decode"  # its name in transformers' AttentionInterface
+
+
 class StaticDecoder:
     """The fast path's decode state for N rows and W slots, and the one-token step compiled over it.
 
@@ -216,12 +243,21 @@ class StaticDecoder:
     decoder_for).
     """
 
-    def __init__(self, model, prefill_cache, rows: int, width: int, compile_mode: str | None):
+    def __init__(self, model, prefill_cache, rows: int, width: int, compile_mode: str | None,
+                 grouped_attention: bool = True):
         attention = model.config._attn_implementation
         if attention not in ("sdpa", "eager"):
             raise ValueError(f"the fast sampler builds its own attention mask for sdpa or eager attention, "
                              f"not {attention!r}: load the model with attn_implementation='sdpa', "
                              f"or use --fast off")
+        # the language model's config, which its attention layers read to pick their attention function
+        self.text_config = model.model.language_model.config
+        self.step_attention = attention  # sdpa models decode with grouped_decode_attention (if asked)
+        if attention == "sdpa" and grouped_attention:
+            from transformers import AttentionInterface
+
+            AttentionInterface.register(GROUPED_ATTENTION, grouped_decode_attention)
+            self.step_attention = GROUPED_ATTENTION
         first = prefill_cache.layers[0]
         _, kv_heads, _, head_dim = first.keys.shape
         device = first.keys.device
@@ -287,11 +323,18 @@ class StaticDecoder:
             return candidate
 
     def run(self) -> torch.Tensor:
-        if self.compiled is None:
-            return self.forward(self.token, self.position, self.mask)
-        # the last step's logits are consumed: a graph may reuse them
-        torch.compiler.cudagraph_mark_step_begin()
-        return self.compiled(self.token, self.position, self.mask)
+        """One step. For its duration the language model's attention is self.step_attention (the prefill and
+        the update keep the model's own): the compiled step is traced, and guarded, with it set."""
+        prefill_attention = self.text_config._attn_implementation
+        self.text_config._attn_implementation = self.step_attention
+        try:
+            if self.compiled is None:
+                return self.forward(self.token, self.position, self.mask)
+            # the last step's logits are consumed: a graph may reuse them
+            torch.compiler.cudagraph_mark_step_begin()
+            return self.compiled(self.token, self.position, self.mask)
+        finally:
+            self.text_config._attn_implementation = prefill_attention
 
     def start(self, prefill_cache, prompt_mask: torch.Tensor, next_position: torch.Tensor, group_size: int):
         """Copy B prefilled prompts into the N = B * G rows (row b * G + g gets prompt b) at slots [0, P).
@@ -317,16 +360,18 @@ class StaticDecoder:
         return logits
 
 
-# (model id, rows, width, dtypes, device, mode) -> decoder, for the last model
+# (model id, rows, width, dtypes, device, grouped attention, mode) -> decoder, for the last model
 DECODERS: dict[tuple, StaticDecoder] = {}
 MAX_DECODERS = 4  # shapes kept at once: each holds its own KV cache (and, on CUDA, its graph's memory)
 
 
-def decoder_for(model, prefill_cache, rows: int, width: int, compile_mode: str | None) -> StaticDecoder:
+def decoder_for(model, prefill_cache, rows: int, width: int, compile_mode: str | None,
+                grouped_attention: bool = True) -> StaticDecoder:
     """The StaticDecoder of this shape, built (and compiled) on first use. Decoders are kept for the last
     model sampled from: a new model drops the old ones, their caches and their compiled steps."""
     layer = prefill_cache.layers[0]
-    key = (id(model), rows, width, layer.keys.dtype, layer.values.dtype, str(layer.keys.device), compile_mode)
+    key = (id(model), rows, width, layer.keys.dtype, layer.values.dtype, str(layer.keys.device),
+           grouped_attention, compile_mode)
     if any(k[0] != id(model) for k in DECODERS):
         compiled = any(d.compile_mode for d in DECODERS.values())
         DECODERS.clear()
@@ -336,7 +381,7 @@ def decoder_for(model, prefill_cache, rows: int, width: int, compile_mode: str |
     if key not in DECODERS:
         if len(DECODERS) >= MAX_DECODERS:
             DECODERS.pop(next(iter(DECODERS)))  # the oldest shape
-        DECODERS[key] = StaticDecoder(model, prefill_cache, rows, width, compile_mode)
+        DECODERS[key] = StaticDecoder(model, prefill_cache, rows, width, compile_mode, grouped_attention)
     return DECODERS[key]
 
 
@@ -352,7 +397,7 @@ def sample_completions_fast(model, prompt: dict, group_size: int, max_new_tokens
                             forbidden_ids: list[int], pad_id: int, temperature: float = 1.0, top_k: int = 0,
                             top_p: float = 1.0, generator: torch.Generator | None = None,
                             stop_check_every: int = 4, compile_mode: str | None = "auto",
-                            width_multiple: int = 64):
+                            width_multiple: int = 64, grouped_attention: bool = True):
     """sample_completions with a preallocated cache and a compiled decode step. Same arguments and returns,
     the same random draws from the same generator, so the same tokens, and log-probs equal up to float
     rounding.
@@ -360,6 +405,8 @@ def sample_completions_fast(model, prompt: dict, group_size: int, max_new_tokens
     compile_mode: a torch.compile mode, None (eager), or "auto" (default_compile_mode of the model's device).
     width_multiple: cache width W = prompt + budget rounded up to a multiple of it, so that batches whose
     prompts differ by a few tokens share one compiled step.
+    grouped_attention: decode with grouped_decode_attention (sdpa models); False keeps transformers' sdpa,
+    which under torch.compile repeats the key/value heads (bench/bench_rollout.py times both).
     """
     B, G = prompt["input_ids"].shape[0], group_size
     positions, _ = model.model.get_rope_index(
@@ -372,7 +419,7 @@ def sample_completions_fast(model, prompt: dict, group_size: int, max_new_tokens
     if compile_mode == "auto":
         compile_mode = default_compile_mode(device)
     width = -(-(P + max_new_tokens) // width_multiple) * width_multiple  # W: P + budget, rounded up
-    decoder = decoder_for(model, prefill, N, width, compile_mode)
+    decoder = decoder_for(model, prefill, N, width, compile_mode, grouped_attention)
     decoder.start(prefill, prompt["attention_mask"], positions[:, :, -1:] + 1, G)  # 2. expand into the N rows
     logits = out.logits[:, -1].repeat_interleave(G, dim=0)  # (N, V)
     del out, prefill  # the prompt's cache now lives in the decoder's slots

@@ -4,7 +4,9 @@ Every column decodes a fixed number of tokens (no early stop, so the work is equ
 as GRPO does, from the same prompts, on the same model:
   ours-simple      sample_completions: the readable loop (dynamic KV cache, one launch per op)
   ours-fast        sample_completions_fast: preallocated KV cache and mask, the decode step compiled
-                   (CUDA graphs on a GPU; see --fast-compile)
+                   (CUDA graphs on a GPU; see --fast-compile), grouped-query decode attention
+  fast-repeat      the same with transformers' sdpa in the step, which under torch.compile repeats the
+                   key/value heads to every query head (--repeat-batches picks the batches that run it)
   generate         model.generate, dynamic cache
   generate-static  model.generate(cache_implementation="static"), which compiles its forward on a GPU
                    (each new shape compiles again: --static-batches picks the batches that run it)
@@ -35,7 +37,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the stages import each other by file name with importlib.import_module
 stage1, stage2 = map(importlib.import_module, ["01_sft_rm", "02_rollout"])
-COLUMNS = ["simple", "fast", "generate", "static"]
+COLUMNS = ["simple", "fast", "repeat", "generate", "static"]
 
 
 def build(shape: str, folder: Path, device: str, dtype):
@@ -104,6 +106,11 @@ def main() -> None:
     parser.add_argument("--static-batches", default="all",
                         help="batches that also time generate(cache_implementation='static'): "
                              "all, none or 8,64")
+    parser.add_argument("--repeat-batches", default="all",
+                        help="batches that also time ours-fast with transformers' sdpa (heads repeated): "
+                             "all, none or 64")
+    parser.add_argument("--columns", default=",".join(COLUMNS),
+                        help=f"samplers to time, of {','.join(COLUMNS)} (generate is the ratios' peer)")
     parser.add_argument("--fast-compile", default="auto",
                         help="ours-fast's torch.compile mode: auto (reduce-overhead on CUDA, none on CPU), "
                              "none, default, reduce-overhead, max-autotune-no-cudagraphs")
@@ -116,8 +123,11 @@ def main() -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     batches = [int(b) for b in args.batches.split(",")]
     named = {"all": batches, "none": []}
-    static_batches = named[args.static_batches] if args.static_batches in named else \
-        [int(b) for b in args.static_batches.split(",")]
+    static_batches, repeat_batches = (named[chosen] if chosen in named else [int(b) for b in chosen.split(",")]
+                                      for chosen in (args.static_batches, args.repeat_batches))
+    columns = args.columns.split(",")
+    if "generate" not in columns or "fast" not in columns or not set(columns) <= set(COLUMNS):
+        parser.error(f"--columns {args.columns}: name some of {','.join(COLUMNS)}, generate and fast included")
     compile_mode = None if args.fast_compile == "none" else args.fast_compile
     repeats = 1 if args.quick else args.repeats
     model, processor = build(args.shape, ROOT / "runs" / "bench" / args.shape, device, dtype)
@@ -142,19 +152,24 @@ def main() -> None:
                 "simple": lambda: stage2.sample_completions(model, prompt, G, n, [], [], pad, **sample),
                 "fast": lambda: stage2.sample_completions_fast(model, prompt, G, n, [], [], pad, **sample,
                                                                compile_mode=compile_mode),
+                "repeat": lambda: stage2.sample_completions_fast(model, prompt, G, n, [], [], pad, **sample,
+                                                                 compile_mode=compile_mode,
+                                                                 grouped_attention=False),
                 "generate": lambda: model.generate(**prompt, **generate),
                 "static": lambda: model.generate(**prompt, **generate, cache_implementation="static"),
             }
             seconds = {}
             for name, fn in calls.items():
-                if name == "static" and batch not in static_batches:
+                skipped = (name not in columns or name == "static" and batch not in static_batches
+                           or name == "repeat" and batch not in repeat_batches)
+                if skipped:
                     continue
                 # warm-up: compiles, captures CUDA graphs, fills the allocator's cache
                 first = timed(fn, device)
                 seconds[name] = min(timed(fn, device) for _ in range(repeats))
-                if name == "fast":
+                if name in ("fast", "repeat"):
                     decoder = list(stage2.DECODERS.values())[-1]
-                    setups[(decoder.cache.keys[0].shape[0], decoder.cache.keys[0].shape[2])] = decoder
+                    setups[(name, decoder.cache.keys[0].shape[0], decoder.cache.keys[0].shape[2])] = decoder
                 if name == "static":
                     setups[("generate-static", batch, setting)] = first - seconds[name]
             context = prompt["input_ids"].shape[1] + n / 2  # mean positions each step attends to
@@ -173,19 +188,19 @@ def main() -> None:
         print(f"device-to-device copy: {bandwidth / 1e12:.2f} TB/s (read + write); roofline = that / "
               f"bytes read per decode step (weights + KV cache at the mean context) x batch")
     header = ["batch", "setting"] + [
-        f"{c} tok/s" for c in ["ours-simple", "ours-fast", "generate", "generate-static"]]
-    header += ["fast / generate", "simple / generate", "static / generate", "fast ms/step"]
-    header += ["roofline tok/s", "fast % roofline", "generate % roofline"] if bandwidth else []
+        f"{c} tok/s" for c in ["ours-simple", "ours-fast", "fast-repeat", "generate", "generate-static"]]
+    header += ["fast / generate", "simple / generate", "repeat / generate", "static / generate", "fast ms/step"]
+    header += ["roofline tok/s", "fast % roofline", "repeat % roofline", "generate % roofline"] if bandwidth else []
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     # --batches may list them in any order
     for batch, setting, rate, roofline in sorted(rows, key=lambda r: r[:2]):
         cells = [str(batch), setting] + [f"{rate[c]:,.0f}" if c in rate else "" for c in COLUMNS]
         cells += [f"{rate[c] / rate['generate']:.2f}x" if c in rate else ""
-                  for c in ("fast", "simple", "static")]
+                  for c in ("fast", "simple", "repeat", "static")]
         cells += [f"{1000 * batch / rate['fast']:.1f}"]
         if roofline:
-            cells += [f"{roofline:,.0f}", f"{100 * rate['fast'] / roofline:.1f} %",
-                      f"{100 * rate['generate'] / roofline:.1f} %"]
+            cells += [f"{roofline:,.0f}"] + [f"{100 * rate[c] / roofline:.1f} %" if c in rate else ""
+                                             for c in ("fast", "repeat", "generate")]
         print("| " + " | ".join(cells) + " |")
     print()
     for key, setup in setups.items():
@@ -193,7 +208,7 @@ def main() -> None:
             print(f"generate-static compile (first call minus a timed one), batch {key[1]} {key[2]}: "
                   f"{setup:.1f} s")
         else:
-            print(f"ours-fast compile + capture, {key[0]} rows x {key[1]} cache slots: "
+            print(f"ours-{key[0]} compile + capture, {key[1]} rows x {key[2]} cache slots: "
                   f"{setup.setup_seconds:.1f} s (mode {setup.compile_mode})")
     if args.profile and profile_call is not None:
         from torch.profiler import ProfilerActivity, profile

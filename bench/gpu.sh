@@ -11,7 +11,8 @@
 # Parts:
 #   smoke    every stage on CUDA with the embedded default (a short stage 1, stages 2-4, a short run of each
 #            method, stage 6): no stage had run on a GPU before this script.
-#   rollout  bench/bench_rollout.py at the Qwen2-VL-2B shape: ours-simple, ours-fast, generate, generate static.
+#   rollout  bench/bench_rollout.py at the Qwen2-VL-2B shape, GRPO's group setting: ours-fast, ours-fast with
+#            transformers' attention (heads repeated, batch 64), generate, generate static (batch 64); a profile.
 #   update   bench/bench_update.py at the Qwen2-VL-2B shape: the update's forward + backward with each prompt run
 #            once per group against once per row.
 #   real     bench/real_size.py: two GRPO steps at the Qwen2.5-VL-3B and -7B shapes (random weights) with the
@@ -60,10 +61,11 @@ for p in $PARTS; do
       part smoke_stage6 python3 06_eval.py $R --n 200
       ;;
     rollout)
-      part rollout python3 bench/bench_rollout.py --shape 2b --new-tokens 256 --quick --static-batches 64
+      part rollout python3 bench/bench_rollout.py --shape 2b --new-tokens 256 --quick --settings group \
+        --columns fast,repeat,generate,static --static-batches 64 --repeat-batches 64 --profile
       ;;
     update)
-      part update python3 bench/bench_update.py --shape 2b --new-tokens 512
+      part update python3 bench/bench_update.py --shape 2b --prompts 2 --new-tokens 512
       ;;
     real)
       part real python3 bench/real_size.py

@@ -198,3 +198,62 @@ def test_step_compiles_under_stage5_checkpointing(tiny_run, monkeypatch, lora_ra
     assert decoder.compile_mode == "default"  # compiled, no fallback to eager
     stage2.DECODERS.clear()
     torch._dynamo.reset()
+
+
+def test_grouped_decode_attention_equals_repeated_heads():
+    """One query token per row: the grouped attention (g query heads per key/value head, the cache read as it is)
+    equals repeating the key/value heads to every query head, masked slots and all."""
+    N, H_kv, g, W, D = 3, 2, 3, 10, 8
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(N, H_kv * g, 1, D, generator=generator)  # (N, H, 1, D)
+    key, value = (torch.randn(N, H_kv, W, D, generator=generator) for _ in range(2))  # (N, H_kv, W, D)
+    mask = torch.rand(N, 1, 1, W, generator=generator) < 0.7  # (N, 1, 1, W)
+    mask[:, :, :, 0] = True  # every row attends to something
+    module = torch.nn.Module()
+    module.num_key_value_groups = g
+    grouped, _ = stage2.grouped_decode_attention(module, query, key, value, mask, scaling=0.5)
+    repeat = functools.partial(torch.repeat_interleave, repeats=g, dim=1)  # kv head h // g serves query head h
+    reference = torch.nn.functional.scaled_dot_product_attention(query, repeat(key), repeat(value), attn_mask=mask,
+                                                                 scale=0.5)  # (N, H, 1, D)
+    assert grouped.shape == (N, 1, H_kv * g, D)
+    assert torch.allclose(grouped, reference.transpose(1, 2), rtol=0, atol=1e-6)
+
+
+def test_compiled_step_reads_the_cache_without_repeating_heads(policy, monkeypatch):
+    """Under torch.compile transformers' sdpa copies the key/value heads out to every query head (repeat_kv); the
+    fast step's grouped attention does not: no (N, H, W, D) tensor in its graph. Both architectures, same samples."""
+    model, processor = policy
+    assert model.config.text_config.num_key_value_heads < model.config.text_config.num_attention_heads  # GQA
+    recorded = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": recorded_backend}))
+
+    def recorded_backend(gm, example_inputs):
+        recorded.append(gm)
+        return gm.forward
+
+    counts, prompt = {}, mixed_batch(processor)  # one batch: effect_noise draws new images at each call
+    for grouped in (False, True):
+        recorded.clear()
+        stage2.DECODERS.clear()
+        torch._dynamo.reset()
+        # forbidden: the vision tokens (sampled, they make the next forward another computation)
+        args = (2, 6, [], stage2.forbidden_token_ids(processor), processor.tokenizer.pad_token_id)
+        fast = stage2.sample_completions_fast(model, prompt, *args, compile_mode="default",
+                                              generator=torch.Generator().manual_seed(7), grouped_attention=grouped)
+        simple = stage2.sample_completions(model, prompt, *args, generator=torch.Generator().manual_seed(7))
+        assert_same(simple, fast)
+        decoder = next(iter(stage2.DECODERS.values()))
+        assert decoder.compile_mode == "default" and len(recorded) == 1  # one graph, compiled
+        N, H_kv, W, D = decoder.cache.keys[0].shape
+        H = model.config.text_config.num_attention_heads
+        shapes = [tuple(node.meta["example_value"].shape) for node in recorded[0].graph.nodes
+                  if isinstance(node.meta.get("example_value"), torch.Tensor)]
+        counts[grouped] = shapes.count((N, H, W, D)), shapes.count((N, H_kv, W, D))
+    layers = model.config.text_config.num_hidden_layers
+    # transformers' sdpa under compile: at least the keys and the values of every layer repeated to H heads
+    assert counts[False][0] >= 2 * layers
+    assert counts[True][0] == 0 and counts[True][1] >= 2 * layers  # grouped: only the cache itself
+    assert model.config.text_config._attn_implementation == "sdpa"  # the step's attention was put back
+    stage2.DECODERS.clear()
+    torch._dynamo.reset()
