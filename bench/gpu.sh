@@ -4,8 +4,8 @@
 #   bash bench/gpu.sh                 # all parts: smoke, rollout, update, real
 #   bash bench/gpu.sh smoke real      # some of them
 #
-# Time (one H200, 2026-11-26): smoke's stages 1-5 took 3 min 40 s (stage 6 did not finish in the time left);
-# real's three settings need over 5 min. All parts do not fit one 10-minute device call: run
+# Time (one H200, 2026-11-26): smoke's stages 1-5 took 3 min 40 s and stage 6 26 s; rollout 3 min 41 s; update
+# 20 s; real's three settings need over 5 min. All parts do not fit one 10-minute device call: run
 # `bash bench/gpu.sh real update` and `bash bench/gpu.sh smoke rollout` as two calls.
 #
 # Parts:
