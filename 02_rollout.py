@@ -7,8 +7,8 @@ The model is transformers'; the loop is ours (GRPO-Zero / nanochat style):
   2. expand      copy each prompt's cache row to the G members of its group (repeat_interleave),
                  so the vision tower and the prompt run once per prompt, not G times.
   3. decode      one token per step through the cache: mask forbidden ids (vision special tokens:
-                 sampling one would crash the next forward), temperature, top-k, top-p, sample (by the
-                 exponential race: choose_tokens); position = last + 1 on all three mRoPE axes.
+                 sampling one would crash the next forward), temperature, top-k, top-p, sample;
+                 position = last + 1 on all three mRoPE axes.
   4. stop        a row is finished after its first stop token (<|im_end|> or <|endoftext|>); the
                  completion mask covers tokens up to and including it, padding after it.
 
@@ -19,8 +19,7 @@ only steer the sampler), its length, whether it ran out of budget (truncated), a
 sample_completions is the loop to read. sample_completions_fast takes the same arguments and
 draws the same random numbers, so it returns the same tokens; it runs step 3 over buffers
 allocated once (a KV cache of prompt + budget slots, a full-width attention mask), with the
-one-token forward and the choice of the next token compiled by torch.compile, on CUDA as one CUDA
-graph. `--fast` picks one:
+one-token forward compiled by torch.compile, on CUDA as a CUDA graph. `--fast` picks one:
 auto = the fast path on CUDA, the simple loop on the CPU (bench/bench_rollout.py times both).
 
 Reads:  runs/<run>/policy_sft/ (or --policy), runs/<run>/data/ and stage1.json (from 01_sft_rm.py).
@@ -115,37 +114,20 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.
     return logits
 
 
-def race_noise(rows: int, vocab: int, temperature: float, generator: torch.Generator | None,
-               device) -> torch.Tensor | None:
-    """The randomness of one sampling step: E ~ Exp(1), one per (row, token), (N, V); None when greedy."""
-    if temperature <= 0:
-        return None
-    return torch.empty(rows, vocab, device=device).exponential_(generator=generator)
-
-
-def choose_tokens(logits: torch.Tensor, noise: torch.Tensor | None, forbidden_ids: list[int], temperature: float,
-                  top_k: int, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decode step's choice, in fp32 whatever the model's dtype -> the next token of each row (N,) and its
-    log-prob under softmax(logits / T) (N,), the quantity recorded. logits: (N, V); noise: race_noise's (N, V),
-    None = greedy.
-
-    Sampling is the exponential race: with E_i ~ Exp(1) independent, argmax_i p_i / E_i is token i with
-    probability p_i (E_i / p_i ~ Exp(p_i), and the smallest of independent exponentials is the one of rate
-    p_i with probability p_i / sum p). The same distribution as torch.multinomial, but the random draw is
-    one tensor made before the choice, so the choice has no random op: the fast path compiles it into the
-    decode step's CUDA graph, and both samplers draw the same numbers from the same generator.
-    """
+def next_tokens(logits: torch.Tensor, forbidden_ids: list[int], temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step's choice, in fp32 whatever the model's dtype: the next token of each row (N,) and the
+    log-probs it is recorded under, log softmax(logits / T) (N, V). logits: (N, V). temperature 0 = greedy."""
     logits = logits.float()  # (N, V)
     recorded = torch.log_softmax(logits / (temperature if temperature > 0 else 1.0), dim=-1)  # (N, V)
     allowed = logits.clone()
     allowed[:, forbidden_ids] = float("-inf")
-    if noise is None:
-        token = allowed.argmax(dim=-1)  # (N,)
-    else:
+    if temperature > 0:
         allowed = filter_top_k_top_p(allowed / temperature, top_k, top_p)
-        # (N,); a draw of exactly 0 would divide by zero
-        token = (torch.softmax(allowed, dim=-1) / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
-    return token, recorded.gather(-1, token.unsqueeze(-1)).squeeze(-1)
+        token = torch.multinomial(torch.softmax(allowed, dim=-1), 1, generator=generator).squeeze(-1)  # (N,)
+    else:
+        token = allowed.argmax(dim=-1)  # (N,)
+    return token, recorded
 
 
 @torch.no_grad()
@@ -177,11 +159,11 @@ def sample_completions(model, prompt: dict, group_size: int, max_new_tokens: int
     finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
     stop, cache_name = torch.tensor(stop_ids, device=device), cache_kwarg(model)
     for t in range(max_new_tokens):  # 3. decode
-        noise = race_noise(N, logits.shape[-1], temperature, generator, device)  # (N, V), None if greedy
-        token, logprob = choose_tokens(logits, noise, forbidden_ids, temperature, top_k, top_p)  # (N,), (N,)
+        # token (N,), recorded (N, V)
+        token, recorded = next_tokens(logits, forbidden_ids, temperature, top_k, top_p, generator)
         token = torch.where(finished, pad_id, token)  # finished rows only pad
         ids[:, t], mask[:, t] = token, (~finished).long()
-        logprobs[:, t] = logprob * (~finished)
+        logprobs[:, t] = recorded.gather(-1, token.unsqueeze(-1)).squeeze(-1) * (~finished)
         finished = finished | torch.isin(token, stop)  # 4. the stop token itself stays in the completion
         if (t + 1) % stop_check_every == 0 and bool(finished.all()):  # a host sync only every k steps
             break
@@ -253,18 +235,16 @@ GROUPED_ATTENTION = "cora_grouped_decode"  # its name in transformers' Attention
 
 
 class StaticDecoder:
-    """The fast path's decode state for N rows and W slots, and the step compiled over it: one token's forward
-    and the choice of the next token (choose_tokens), so that on CUDA the whole step is one graph launch.
+    """The fast path's decode state for N rows and W slots, and the one-token step compiled over it.
 
     Slots of a row: [0, P) its prompt (left padding masked out), P + t the token fed at step t, the rest
-    masked until used. The step's inputs (token, mRoPE position, mask, the race's noise, cache) are
-    preallocated buffers updated in place, so it compiles once per (N, W, sampling settings) and is reused by
-    every later call of that shape (see decoder_for).
-    choice: choose_tokens' settings (forbidden ids, temperature, top-k, top-p), fixed for the decoder.
+    masked until used. The step's inputs (token, mRoPE position, mask, cache) are preallocated buffers
+    updated in place, so it compiles once per (N, W) and is reused by every later call of that shape (see
+    decoder_for).
     """
 
-    def __init__(self, model, prefill_cache, rows: int, width: int, vocab: int, choice: tuple,
-                 compile_mode: str | None, grouped_attention: bool = True):
+    def __init__(self, model, prefill_cache, rows: int, width: int, compile_mode: str | None,
+                 grouped_attention: bool = True):
         attention = model.config._attn_implementation
         if attention not in ("sdpa", "eager"):
             raise ValueError(f"the fast sampler builds its own attention mask for sdpa or eager attention, "
@@ -284,16 +264,13 @@ class StaticDecoder:
         self.cache = SlotCache(len(prefill_cache.layers), rows, kv_heads, width, head_dim, first.keys.dtype,
                                first.values.dtype, device)  # dtypes as the prefill's (autocast may mix them)
         # the step's inputs: mask (N, 1, 1, W), True = attend; token (N, 1), the token fed;
-        # position (3, N, 1), its mRoPE position; noise (N, V), the next choice's race_noise (None: greedy)
+        # position (3, N, 1), its mRoPE position
         self.mask = torch.zeros(rows, 1, 1, width, dtype=torch.bool, device=device)
         self.token = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(3, rows, 1, dtype=torch.long, device=device)
-        self.choice = choice
-        temperature = choice[1]
-        self.noise = torch.ones(rows, vocab, device=device) if temperature > 0 else None
         if compile_mode is not None:
             buffers = [self.mask, self.token, self.position, self.cache.slot,
-                       *self.cache.keys, *self.cache.values] + ([self.noise] if temperature > 0 else [])
+                       *self.cache.keys, *self.cache.values]
             for buffer in buffers:
                 torch._dynamo.mark_static_address(buffer)  # a CUDA graph reads these addresses, never copies
         self.model, self.cache_name, self.additive = model, cache_kwarg(model), attention == "eager"
@@ -303,16 +280,15 @@ class StaticDecoder:
         # compile + CUDA-graph capture, paid once per shape
         self.setup_seconds = time.perf_counter() - started
 
-    def forward(self, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor,
-                noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """token (N, 1), position (3, N, 1), mask (N, 1, 1, W), noise (N, V) -> the next token (N,) and its
-        recorded log-prob (N,); writes one cache slot."""
+    def forward(self, token: torch.Tensor, position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """token (N, 1), position (3, N, 1), mask (N, 1, 1, W) -> next logits (N, V); writes one cache
+        slot."""
         if self.additive:  # eager attention adds its mask to the scores
             mask = torch.zeros(mask.shape, device=mask.device).masked_fill(
                 ~mask, torch.finfo(torch.float32).min)
         out = self.model(input_ids=token, attention_mask={"full_attention": mask}, position_ids=position,
                          use_cache=True, **{self.cache_name: self.cache})  # a dict mask is used as given
-        return choose_tokens(out.logits[:, -1], noise, *self.choice)
+        return out.logits[:, -1]
 
     def compile(self, mode: str | None) -> str | None:
         """Compile the step and run it until captured. Should that fail, fall back, loudly:
@@ -353,10 +329,10 @@ class StaticDecoder:
         self.text_config._attn_implementation = self.step_attention
         try:
             if self.compiled is None:
-                return self.forward(self.token, self.position, self.mask, self.noise)
-            # the last step's outputs are consumed: a graph may reuse them
+                return self.forward(self.token, self.position, self.mask)
+            # the last step's logits are consumed: a graph may reuse them
             torch.compiler.cudagraph_mark_step_begin()
-            return self.compiled(self.token, self.position, self.mask, self.noise)
+            return self.compiled(self.token, self.position, self.mask)
         finally:
             self.text_config._attn_implementation = prefill_attention
 
@@ -373,33 +349,29 @@ class StaticDecoder:
         self.position.copy_(next_position.repeat_interleave(group_size, dim=1))
         self.prompt_length = P
 
-    def step(self, token: torch.Tensor, t: int,
-             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Feed token (N,) at step t (slot P + t) -> the next token (N,) and its recorded log-prob (N,), chosen
-        with noise drawn from `generator` as race_noise draws it."""
+    def step(self, token: torch.Tensor, t: int) -> torch.Tensor:
+        """Feed token (N,) at step t (slot P + t) -> the next logits (N, V)."""
         slot = self.prompt_length + t
         self.mask[:, 0, 0, slot] = True  # the token attends to itself and, from now on, is attended to
         self.cache.slot.fill_(slot)
         self.token.copy_(token.unsqueeze(-1))
-        if self.noise is not None:
-            self.noise.exponential_(generator=generator)
-        chosen = self.run()
+        logits = self.run()
         self.position += 1
-        return chosen
+        return logits
 
 
-# (model id, rows, width, vocab, choice, dtypes, device, grouped attention, mode) -> decoder, for the last model
+# (model id, rows, width, dtypes, device, grouped attention, mode) -> decoder, for the last model
 DECODERS: dict[tuple, StaticDecoder] = {}
 MAX_DECODERS = 4  # shapes kept at once: each holds its own KV cache (and, on CUDA, its graph's memory)
 
 
-def decoder_for(model, prefill_cache, rows: int, width: int, vocab: int, choice: tuple, compile_mode: str | None,
+def decoder_for(model, prefill_cache, rows: int, width: int, compile_mode: str | None,
                 grouped_attention: bool = True) -> StaticDecoder:
-    """The StaticDecoder of this shape and choice, built (and compiled) on first use. Decoders are kept for the
-    last model sampled from: a new model drops the old ones, their caches and their compiled steps."""
+    """The StaticDecoder of this shape, built (and compiled) on first use. Decoders are kept for the last
+    model sampled from: a new model drops the old ones, their caches and their compiled steps."""
     layer = prefill_cache.layers[0]
-    key = (id(model), rows, width, vocab, tuple(choice[0]), *choice[1:], layer.keys.dtype, layer.values.dtype,
-           str(layer.keys.device), grouped_attention, compile_mode)
+    key = (id(model), rows, width, layer.keys.dtype, layer.values.dtype, str(layer.keys.device),
+           grouped_attention, compile_mode)
     if any(k[0] != id(model) for k in DECODERS):
         compiled = any(d.compile_mode for d in DECODERS.values())
         DECODERS.clear()
@@ -409,8 +381,7 @@ def decoder_for(model, prefill_cache, rows: int, width: int, vocab: int, choice:
     if key not in DECODERS:
         if len(DECODERS) >= MAX_DECODERS:
             DECODERS.pop(next(iter(DECODERS)))  # the oldest shape
-        DECODERS[key] = StaticDecoder(model, prefill_cache, rows, width, vocab, choice, compile_mode,
-                                      grouped_attention)
+        DECODERS[key] = StaticDecoder(model, prefill_cache, rows, width, compile_mode, grouped_attention)
     return DECODERS[key]
 
 
@@ -448,10 +419,9 @@ def sample_completions_fast(model, prompt: dict, group_size: int, max_new_tokens
     if compile_mode == "auto":
         compile_mode = default_compile_mode(device)
     width = -(-(P + max_new_tokens) // width_multiple) * width_multiple  # W: P + budget, rounded up
-    logits = out.logits[:, -1].repeat_interleave(G, dim=0)  # (N, V)
-    choice = (list(forbidden_ids), temperature, top_k, top_p)
-    decoder = decoder_for(model, prefill, N, width, logits.shape[-1], choice, compile_mode, grouped_attention)
+    decoder = decoder_for(model, prefill, N, width, compile_mode, grouped_attention)
     decoder.start(prefill, prompt["attention_mask"], positions[:, :, -1:] + 1, G)  # 2. expand into the N rows
+    logits = out.logits[:, -1].repeat_interleave(G, dim=0)  # (N, V)
     del out, prefill  # the prompt's cache now lives in the decoder's slots
 
     ids = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (N, L)
@@ -459,18 +429,18 @@ def sample_completions_fast(model, prompt: dict, group_size: int, max_new_tokens
     logprobs = torch.zeros((N, max_new_tokens), device=device)  # (N, L)
     finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
     stop = torch.tensor(stop_ids, device=device)
-    noise = race_noise(N, logits.shape[-1], temperature, generator, device)  # (N, V), None if greedy
-    token, logprob = choose_tokens(logits, noise, *choice)  # the first token, from the prefill's logits
-    for t in range(max_new_tokens):  # 3. decode: the same draws, choice and bookkeeping as sample_completions
+    for t in range(max_new_tokens):  # 3. decode: the same choice and bookkeeping as sample_completions
+        # token (N,), recorded (N, V)
+        token, recorded = next_tokens(logits, forbidden_ids, temperature, top_k, top_p, generator)
         token = torch.where(finished, pad_id, token)
         ids[:, t], mask[:, t] = token, (~finished).long()
-        logprobs[:, t] = logprob * (~finished)
+        logprobs[:, t] = recorded.gather(-1, token.unsqueeze(-1)).squeeze(-1) * (~finished)
         finished = finished | torch.isin(token, stop)  # 4. stop
         if (t + 1) % stop_check_every == 0 and bool(finished.all()):
             break
         if t + 1 == max_new_tokens:
             break
-        token, logprob = decoder.step(token, t, generator)  # (N,), (N,): the forward and the next choice
+        logits = decoder.step(token, t)  # (N, V)
     length = int(mask.sum(dim=1).max())
     return ids[:, :length], mask[:, :length], logprobs[:, :length], ~finished
 

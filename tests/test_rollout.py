@@ -114,24 +114,6 @@ def test_top_k_top_p_filter():
     assert kept(stage2.filter_top_k_top_p(logits, 0, 0.4)) == [True, False, False, False]
 
 
-def test_exponential_race_samples_the_softmax():
-    """choose_tokens picks argmax p / E with E ~ Exp(1): token i with probability p_i. Temperature 2 and a forbidden
-    token: logits log(0.4, 0.3, 0.2, 0.1) at T = 2 give p ~ sqrt(0.4, 0.3, 0.2, 0.1) = (0.632, 0.548, 0.447, 0.316);
-    token 2 forbidden -> (0.632, 0.548, 0, 0.316) / 1.496 = (0.423, 0.366, 0, 0.211). 200,000 rows: the standard
-    error of each share is <= sqrt(0.25 / 200,000) = 0.0011, so 0.005 is over 4 of them."""
-    rows = 200_000
-    logits = torch.log(torch.tensor([0.4, 0.3, 0.2, 0.1])).expand(rows, 4)  # (rows, 4)
-    noise = stage2.race_noise(rows, 4, 2.0, torch.Generator().manual_seed(0), "cpu")  # (rows, 4)
-    token, logprob = stage2.choose_tokens(logits, noise, [2], 2.0, 0, 1.0)
-    shares = torch.bincount(token, minlength=4) / rows
-    assert torch.allclose(shares, torch.tensor([0.423, 0.366, 0.0, 0.211]), atol=0.005)
-    # recorded: log softmax(logits / T), before the forbidden mask: log(0.632 / 1.943) for token 0
-    assert torch.allclose(logprob[token == 0], torch.tensor(0.632 / 1.943).log(), atol=1e-3)
-    assert stage2.race_noise(rows, 4, 0.0, None, "cpu") is None  # greedy draws nothing
-    greedy, _ = stage2.choose_tokens(logits[:3], None, [0], 0.0, 0, 1.0)
-    assert greedy.tolist() == [1, 1, 1]  # the largest allowed logit (token 0 is forbidden)
-
-
 def test_cli_writes_rollouts(tiny_run):
     records = stage2.main(stage2.Config(run="tiny", runs_dir=str(tiny_run["dir"].parent), n_prompts=3, group_size=2,
                                         max_new_tokens=16, device="cpu"))
