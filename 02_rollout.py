@@ -387,8 +387,8 @@ def decoder_for(model, prefill_cache, rows: int, width: int, compile_mode: str |
 
 def default_compile_mode(device) -> str | None:
     """CUDA: "reduce-overhead", i.e. torch.compile + CUDA graphs, the step replayed in one launch.
-    CPU: None, the step runs eagerly: compiled, the embedded policy's step ran slower, after a cold compile
-    of tens of seconds."""
+    CPU: None, the step runs eagerly: for the embedded policy compiling gains little and costs seconds of
+    compiling per process and shape (README, the rollout tables)."""
     return "reduce-overhead" if torch.device(device).type == "cuda" else None
 
 
