@@ -182,7 +182,8 @@ def sample_completions(model, prompt: dict, group_size: int, max_new_tokens: int
 # concatenation: on a GPU the step waits on those launches, not on memory (`python bench/bench_rollout.py
 # --profile` shows it). The fast path keeps steps 1-4 and changes only how a step runs: every tensor the
 # decode step touches is allocated once, with a fixed shape and a fixed address, so torch.compile compiles
-# the step once and, on CUDA, records it as one CUDA graph that replays in a single launch.
+# the step once and, on CUDA, records it as one CUDA graph that replays in a single launch. Its attention
+# reads the grouped key/value heads as they are (grouped_decode_attention).
 class SlotCache:
     """A KV cache preallocated as N rows x W slots per layer; `update` writes the slot `self.slot` holds.
 
@@ -216,8 +217,8 @@ def grouped_decode_attention(module, query: torch.Tensor, key: torch.Tensor, val
     attend -> (N, 1, H, D), transformers' attention output layout. The g query heads that share a key/value
     head become g query rows of that head: one attention over (N, H_kv, g, D) queries, the cache as it is.
     transformers' sdpa does the same when it runs eagerly ("pack_gqa"), but under torch.compile it copies
-    the cache out to all H heads first (repeat_kv), which on a GPU costs more memory traffic than the
-    weights (README, "On a GPU"). Anything but a one-token query (the prefill) goes to transformers' sdpa.
+    the cache out to all H heads first (repeat_kv), a large share of the step's memory traffic on a GPU
+    (README, "On a GPU"). Anything but a one-token query (the prefill) goes to transformers' sdpa.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
