@@ -123,11 +123,13 @@ def main() -> None:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     batches = [int(b) for b in args.batches.split(",")]
     named = {"all": batches, "none": []}
-    static_batches, repeat_batches = (named[chosen] if chosen in named else [int(b) for b in chosen.split(",")]
-                                      for chosen in (args.static_batches, args.repeat_batches))
+    static_batches, repeat_batches = (
+        named[chosen] if chosen in named else [int(b) for b in chosen.split(",")]
+        for chosen in (args.static_batches, args.repeat_batches))
     columns = args.columns.split(",")
     if "generate" not in columns or "fast" not in columns or not set(columns) <= set(COLUMNS):
-        parser.error(f"--columns {args.columns}: name some of {','.join(COLUMNS)}, generate and fast included")
+        parser.error(f"--columns {args.columns}: name some of {','.join(COLUMNS)}, "
+                     f"generate and fast included")
     compile_mode = None if args.fast_compile == "none" else args.fast_compile
     repeats = 1 if args.quick else args.repeats
     model, processor = build(args.shape, ROOT / "runs" / "bench" / args.shape, device, dtype)
@@ -189,8 +191,10 @@ def main() -> None:
               f"bytes read per decode step (weights + KV cache at the mean context) x batch")
     header = ["batch", "setting"] + [
         f"{c} tok/s" for c in ["ours-simple", "ours-fast", "fast-repeat", "generate", "generate-static"]]
-    header += ["fast / generate", "simple / generate", "repeat / generate", "static / generate", "fast ms/step"]
-    header += ["roofline tok/s", "fast % roofline", "repeat % roofline", "generate % roofline"] if bandwidth else []
+    header += ["fast / generate", "simple / generate", "repeat / generate", "static / generate",
+               "fast ms/step"]
+    if bandwidth:
+        header += ["roofline tok/s", "fast % roofline", "repeat % roofline", "generate % roofline"]
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     # --batches may list them in any order
     for batch, setting, rate, roofline in sorted(rows, key=lambda r: r[:2]):

@@ -1,14 +1,14 @@
 """Update speed: stage 5's forward + backward with each prompt run once per group, against once per row.
 
-GRPO samples G completions per prompt, so a micro-batch of N = B * G rows holds B distinct prompts. The update
-can run every row's prompt (stage1.completion_logprobs on repeated prompts: --repeat-prompts) or each prompt once
-and the G completions on copies of its keys and values (05_grpo_train.shared_prompt_logprobs, the default). Both
-give the same log-probs and gradients (tests/test_shared_prompt.py); this times them on the same batch:
-B prompts x G completions of a fixed length (every token real, so the work is equal), one forward and one
-backward of the token-mean of the log-probs, best of --repeats after a warm-up. The model is built from a config
-with random weights (speed does not depend on the values): `--shape tiny` is the embedded policy (the CPU
-default: one 84x84 image and the chat template, ~60 prompt tokens); `--shape 2b` is Qwen2-VL-2B-shaped (the GPU
-default, bf16 autocast; one 448x448 image = 256 visual tokens).
+GRPO samples G completions per prompt, so a micro-batch of N = B * G rows holds B distinct prompts. The
+update can run every row's prompt (stage1.completion_logprobs on repeated prompts: --repeat-prompts) or each
+prompt once and the G completions on copies of its keys and values (05_grpo_train.shared_prompt_logprobs, the
+default). Both give the same log-probs and gradients (tests/test_shared_prompt.py); this times them on the
+same batch: B prompts x G completions of a fixed length (every token real, so the work is equal), one forward
+and one backward of the token-mean of the log-probs, best of --repeats after a warm-up. The model is built
+from a config with random weights (speed does not depend on the values): `--shape tiny` is the embedded
+policy (the CPU default: one 84x84 image and the chat template, ~60 prompt tokens); `--shape 2b` is
+Qwen2-VL-2B-shaped (the GPU default, bf16 autocast; one 448x448 image = 256 visual tokens).
 The last line is the headline: `B 8 x G 8: shared prompts 2.31x repeated (CPU)`.
 
 Run:  python bench/bench_update.py                              # CPU: tiny shape
@@ -36,7 +36,8 @@ def batch(processor, prompts: int, group_size: int, new_tokens: int, side: int, 
     questions = [f"How many red shapes are there in picture {i}?" for i in range(prompts)]
     prompt = stage1.to_device(stage1.encode_prompts(processor, images, questions), device)
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(10, len(processor.tokenizer) - 10, (prompts * group_size, new_tokens), generator=generator)
+    ids = torch.randint(10, len(processor.tokenizer) - 10, (prompts * group_size, new_tokens),
+                        generator=generator)
     return prompt, ids.to(device), torch.ones_like(ids, device=device)
 
 
@@ -52,10 +53,12 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8, help="B: distinct prompts in the micro-batch")
     parser.add_argument("--group-size", type=int, default=8, help="G: completions per prompt")
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens per completion")
-    parser.add_argument("--repeats", type=int, default=5, help="timed repeats (best is kept) after one warm-up")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed repeats (best is kept) after one warm-up")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, processor = bench_rollout.build(args.shape, ROOT / "runs" / "bench" / args.shape, device, torch.float32)
+    model, processor = bench_rollout.build(args.shape, ROOT / "runs" / "bench" / args.shape, device,
+                                           torch.float32)
     model.train()
     side = 448 if args.shape == "2b" else 84
     prompt, ids, mask = batch(processor, args.prompts, args.group_size, args.new_tokens, side, device)
