@@ -1258,11 +1258,15 @@ def build_tiny_crm(folder: Path, seed: int, bpe) -> None:
 
 
 # B.1 files and runs
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON through a temporary file and a rename, so a killed run never leaves half a file."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename, so a killed run never leaves half a file."""
     tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2))
 
 
 def write_jsonl_atomic(path: Path, rows: list[dict]) -> None:

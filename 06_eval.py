@@ -350,9 +350,7 @@ def write_examples(run_dir: Path, page: str, test, image_column: str, records: d
         for name, r in choice.items():
             lines += [f"- **{name}**, sample {r['sample']}: {verdicts(r)}", "", fenced(r["text"]), ""]
     path = run_dir / f"{page}.md"
-    tmp = run_dir / f"{page}.md.tmp"
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
+    stage1.write_text_atomic(path, "\n".join(lines))
     return path
 
 
@@ -599,7 +597,7 @@ def main(cfg: Config) -> dict:
     out = f"eval_{cfg.benchmark}" if cfg.benchmark else "eval"  # a benchmark's table beside the test split's
     stage1.write_json_atomic(run_dir / f"{out}.json", {"config": dataclasses.asdict(cfg),
                                                        "checkpoints": per_checkpoint, "skipped": skipped})
-    (run_dir / f"{out}.md").write_text(header + table + "\n")
+    stage1.write_text_atomic(run_dir / f"{out}.md", header + table + "\n")
     written = [f"{out}.json", f"{out}.md"]
     if cfg.examples:
         page = f"examples_{cfg.benchmark}" if cfg.benchmark else "examples"

@@ -245,3 +245,19 @@ def test_embedded_run_with_a_judge_reports_its_agreement_with_the_oracle(stage1,
     assert "crm_on_policy_rollouts" in summary  # the CRM is trained as without a judge (oracle labels)
     crm_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "runs" / "judged" / "crm")
     assert crm_tokenizer.model_max_length == 256  # what stages 3, 5 and 6 cut pairs to
+
+
+def test_text_is_written_whole_or_not_at_all(stage1, tmp_path, monkeypatch):
+    """write_text_atomic (eval.md, examples.md, every JSON file) writes a temporary file and renames it: a write
+    killed before the rename leaves the previous file as it was, and a finished one leaves no temporary file."""
+    path = tmp_path / "eval.md"
+    stage1.write_text_atomic(path, "old table")
+    assert path.read_text() == "old table" and [p.name for p in tmp_path.iterdir()] == ["eval.md"]
+
+    def killed(src, dst):
+        raise KeyboardInterrupt("killed before the rename")
+
+    monkeypatch.setattr(stage1.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        stage1.write_json_atomic(path, {"new": "table"})
+    assert path.read_text() == "old table"  # untouched: the half-done write went to eval.md.tmp
