@@ -285,8 +285,8 @@ def vision_is_frozen(model) -> bool:
 
 
 def batch_logprobs(cfg: Config, model, prompt: dict, ids, mask, rows: list[int], visual) -> torch.Tensor:
-    """Log-probs of batch rows `rows`; row r belongs to prompt r // G, and so do its visual features. With
-    each prompt of the micro-batch runs once (shared_prompt_logprobs; --repeat-prompts: once per row).
+    """Log-probs of batch rows `rows`; row r belongs to prompt r // G, and so do its visual features. Each
+    prompt of the micro-batch runs once (shared_prompt_logprobs; --repeat-prompts: once per row).
     Under torchrun it runs through the forward that DDP or FSDP2 watches (model.completion_logprobs:
     parallelize)."""
     prompt_of = [r // cfg.group_size for r in rows]

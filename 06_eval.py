@@ -305,6 +305,13 @@ def pick_examples(records: dict[str, list[dict]], n: int) -> list[dict[str, dict
     return picked
 
 
+def save_image_atomic(image, path: Path) -> None:
+    """A PNG through a temporary file and a rename (stage1.write_text_atomic's way for images)."""
+    tmp = path.with_suffix(".tmp.png")
+    image.save(tmp)
+    os.replace(tmp, path)
+
+
 def fenced(text: str) -> str:
     """text in a Markdown code block whose fence is longer than any run of backticks inside it."""
     longest, run = 0, 0
@@ -341,9 +348,7 @@ def write_examples(run_dir: Path, page: str, test, image_column: str, records: d
     for i, choice in enumerate(pick_examples(records, n), start=1):
         first = next(iter(choice.values()))
         image = folder / f"{first['row']}.png"
-        tmp = folder / f"{first['row']}.tmp.png"
-        stage1.row_image(test, first["row"], image_column).save(tmp)
-        os.replace(tmp, image)
+        save_image_atomic(stage1.row_image(test, first["row"], image_column), image)
         lines += [f"## {i}. Test row {first['row']}", "",
                   f"![test row {first['row']}]({page}/{image.name})", "",
                   f"**Question:** {first['question']}  ", f"**True answer:** {first['answer']}", ""]
@@ -405,9 +410,7 @@ def plot_curves(panels: dict[str, dict[str, list[tuple[int, float]]]], path: Pat
         draw.line([(pad + 120 * i, height + 14), (pad + 120 * i + 20, height + 14)],
                   fill=COLOURS[i % len(COLOURS)], width=2)
         draw.text((pad + 120 * i + 25, height + 8), method, fill=(0, 0, 0))
-    tmp = path.with_suffix(".tmp.png")
-    image.save(tmp)
-    tmp.replace(path)
+    save_image_atomic(image, path)
 
 
 def training_curves(run_dir: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
