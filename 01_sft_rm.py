@@ -129,6 +129,9 @@ class Config:
     crm_rollout_prompts: int = 1000  # train prompts whose SFT-policy rollouts are judged into CRM data
     crm_rollout_samples: int = 4  # rollouts per prompt
     crm_rollout_temperature: float = 1.3  # their temperature (above 1: more drifted text)
+    # the paper's recipe: a CRM trained on rollouts sampled during GRPO training (stage 5 saves them)
+    crm_rollouts: str | None = None  # stage 5's rollouts.jsonl files (comma list, * globs): train only a CRM on them
+    crm_out: str = "crm_rl"  # with --crm-rollouts: its folder, runs/<run>/<crm_out>/ (stages 5 and 6 prefer it)
     # an LLM judge for the CRM's data (adapters/judge.py): real data without --crm-data needs one
     judge: str | None = None  # hub id / folder of a local instruct model that labels the rollouts
     judge_url: str | None = None  # or an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1
@@ -897,10 +900,52 @@ def rollouts_report(probs: list[float], rollouts: dict) -> dict:
                                        if steps_only else None)}
 
 
+def read_rollouts(patterns: str) -> list[dict]:
+    """The rows of stage 5's rollouts.jsonl files (--crm-rollouts: a comma list, each may hold * globs) as
+    {question, thinking, answer, row, seed, method, step} (+ label when a file has one), the rollouts with
+    nothing to parse left out (they get r_cons = 0 without the CRM). Rows in the --crm-data form (thinking
+    and answer instead of text) are read too. Every pattern must match a file, every row have its fields."""
+    import glob
+
+    rows = []
+    for pattern in (p.strip() for p in patterns.split(",") if p.strip()):
+        paths = sorted(glob.glob(pattern))
+        if not paths:
+            raise SystemExit(f"--crm-rollouts {pattern}: no such file. Stage 5 writes "
+                             f"runs/<run>/<name>/rollouts.jsonl (e.g. python 05_grpo_train.py --advantage grpo).")
+        for path in paths:
+            for number, row in enumerate(read_jsonl(Path(path), drop_cut_last_line=True), start=1):
+                if not (isinstance(row, dict) and "question" in row and ("text" in row or "thinking" in row)):
+                    raise SystemExit(f"--crm-rollouts {path}, line {number}: expected a question and a text "
+                                     f"(stage 5's rollouts.jsonl) or a thinking and an answer.")
+                think, answer = (parse_completion(str(row["text"])) if "text" in row
+                                 else (row["thinking"], row.get("answer")))
+                if think is None or answer is None:
+                    continue
+                rows.append({"question": str(row["question"]), "thinking": str(think), "answer": str(answer),
+                             **{k: row[k] for k in ("row", "seed", "method", "step", "label") if k in row}})
+    return rows
+
+
+def split_by_prompt(rows: list[dict], seed: int, share: float = 0.05) -> tuple[list[dict], list[dict]]:
+    """(train, test): every rollout of a `share` of the prompts (dataset rows; at least one) held out, so the
+    test asks about prompts the CRM never trained on. Rows without a prompt row count as their own prompt.
+
+    Example: rollouts of prompts 3, 3, 7, 9 with share 0.34 -> one of the 3 prompts held out, e.g. 7:
+             test = the rollout of 7, train = the other three.
+    """
+    prompts = sorted({str(r.get("row", i)) for i, r in enumerate(rows)})
+    held = set(random.Random(seed).sample(prompts, max(1, round(share * len(prompts)))))
+    test = [r for i, r in enumerate(rows) if str(r.get("row", i)) in held]
+    return [r for i, r in enumerate(rows) if str(r.get("row", i)) not in held], test
+
+
 # -------------------------------------------------- 5. main: the stage in order
 def main(cfg: Config) -> dict:
     started = time.time()
     check_config(cfg)  # every flag, before anything is read, loaded or written
+    if cfg.crm_rollouts:
+        return crm_from_rollouts(cfg, started)  # the paper's recipe: the CRM alone, from RL rollouts
     torch.manual_seed(cfg.seed)
     run_dir = Path(cfg.runs_dir) / cfg.run
     embedded, judged = cfg.dataset is None, bool(cfg.judge or cfg.judge_url)
@@ -1037,6 +1082,85 @@ def main(cfg: Config) -> dict:
               f"{r['answer_link_fails']} (both {r['both_links_fail']}); the CRM flags {caught} of the "
               f"{r['steps_only']} whose steps alone fail")
     print(f"wrote {run_dir}/{{data,policy_sft,crm,stage1.json}} in {summary['seconds']:.0f} s")
+    return summary
+
+
+def crm_from_rollouts(cfg: Config, started: float) -> dict:
+    """The paper's recipe, after stage 5 has run GRPO: a CRM trained on the rollouts sampled during that
+    training (--crm-rollouts), each judged (the rule oracle on the embedded tasks, --judge / --judge-url on
+    real data; a row that already has a label keeps it), plus, on the embedded tasks, the same template pairs
+    as the CRM of the SFT policy's rollouts (runs/<run>/crm), from the same initial weights, so the two differ
+    only in the rollouts they read. The run's data and SFT policy are read, never retrained. Held out: every
+    rollout of 5 % of the prompts. Writes runs/<run>/<crm_out>/ and runs/<run>/<crm_out>.json, only once
+    complete."""
+    run_dir = Path(cfg.runs_dir) / cfg.run
+    stage1_config = read_stage1(run_dir)["config"]
+    embedded, judged = stage1_config["dataset"] is None, bool(cfg.judge or cfg.judge_url)
+    if cfg.crm_out in STAGE1_OUTPUTS + ["stage1.new"] or not re.fullmatch(r"[\w.-]+", cfg.crm_out):
+        raise SystemExit(f"--crm-out {cfg.crm_out}: name a new folder of runs/{cfg.run}/ (letters, digits, "
+                         f"_ . -), not one of stage 1's own ({', '.join(STAGE1_OUTPUTS)}).")
+    rows = read_rollouts(cfg.crm_rollouts)  # every file read and checked before any model loads
+    if not rows:
+        raise SystemExit(f"--crm-rollouts {cfg.crm_rollouts}: no rollout with a <think> and an <answer> to "
+                         f"judge; the policy that wrote them never finished the format.")
+    unlabelled = [r for r in rows if "label" not in r]
+    if unlabelled and not embedded and not judged:
+        raise SystemExit(f"--crm-rollouts {cfg.crm_rollouts}: {len(unlabelled)} rollouts have no label, and "
+                         f"only the embedded tasks have an oracle: pass a judge (--judge MODEL, or --judge-url "
+                         f"URL --judge-model NAME) to label them.")
+    crm_rows = real_data.read_crm_jsonl(cfg.crm_data) if cfg.crm_data else []
+    crm_path = cfg.crm or stage1_config["crm"] or (str(run_dir / "crm_init") if embedded
+                                                   else "answerdotai/ModernBERT-large")
+    if judged:
+        check_judge(cfg, run_dir)
+    check_crm(cfg, crm_path)
+
+    summary = {"config": dataclasses.asdict(cfg), "crm_init": crm_path}
+    if unlabelled and judged:  # real runs: the judge, its replies cached (a rerun asks only for the rest)
+        from adapters import judge as judges
+
+        labelled, stats = judge_rows(cfg, unlabelled, run_dir)
+        summary["judge"] = stats
+        if embedded:  # measured against the oracle
+            summary["judge"]["agreement"] = judges.agreement(
+                [r["label"] for r in labelled], [int(oracle_consistent(r["thinking"], r["answer"])) for r in labelled])
+        rows = [r for r in rows if "label" in r] + labelled
+    else:  # embedded: the rule oracle judges
+        rows = [r if "label" in r else {**r, "label": int(oracle_consistent(r["thinking"], r["answer"]))}
+                for r in rows]
+    train_rows, test_rows = split_by_prompt(rows, cfg.seed)
+    train_pairs = train_rows + crm_rows
+    if embedded:
+        from datasets import load_from_disk
+
+        data = load_from_disk(str(require(run_dir / "data", "python 01_sft_rm.py")))
+        train_pairs += embedded_crm_pairs(data["train"], cfg.seed)
+    real_data.check_crm_rows(train_pairs, f"--crm-rollouts {cfg.crm_rollouts} (and the pairs beside them)")
+    random.Random(cfg.seed).shuffle(train_pairs)
+    crm, tokenizer = load_crm(crm_path, cfg.device)
+    tokenizer.model_max_length = cfg.crm_max_length  # saved with it: later stages cut pairs as it trained
+    losses = train_crm(cfg, crm, tokenizer, train_pairs)
+    with autocast(cfg.device, compute_dtype(cfg.device, cfg.dtype)):
+        probs = crm_scores(crm, tokenizer, test_rows, cfg.device, max_length=cfg.crm_max_length)
+    if not embedded:  # the judge's labels: agreement only (the links need the oracle)
+        report = classification_report(probs, [r["label"] for r in test_rows])
+        summary["crm_on_held_out_rollouts"] = {**report, "steps_only": 0, "crm_catches_steps_only": None}
+    else:
+        summary["crm_on_held_out_rollouts"] = rollouts_report(probs, {"train": train_rows, "test": test_rows})
+        summary["crm_on_held_out_rollouts"]["by_method"] = {
+            method: rollouts_report([p for p, r in zip(probs, test_rows) if r.get("method") == method],
+                                    {"train": [], "test": [r for r in test_rows if r.get("method") == method]})
+            for method in sorted({str(r.get("method")) for r in test_rows})}
+    summary |= {"rollouts": len(rows), "files": cfg.crm_rollouts, "train_pairs": len(train_pairs),
+                "final_loss": losses[-1], "seconds": round(time.time() - started, 1)}
+    save_folder_atomic(run_dir / cfg.crm_out, crm, tokenizer)
+    write_json_atomic(run_dir / f"{cfg.crm_out}.json", summary)
+    r = summary["crm_on_held_out_rollouts"]
+    caught = "n/a" if r["crm_catches_steps_only"] is None else f"{r['crm_catches_steps_only']:.1%}"
+    print(f"\nCRM from {len(rows)} judged RL rollouts (+ {len(train_pairs) - len(train_rows)} other pairs): on "
+          f"{r['n']} held-out rollouts (prompts it never trained on) accuracy {r['accuracy']:.1%}, "
+          f"F1 {r['f1']:.3f}; it flags {caught} of the {r['steps_only']} whose steps alone fail")
+    print(f"wrote {run_dir / cfg.crm_out}/ and {cfg.crm_out}.json in {summary['seconds']:.0f} s")
     return summary
 
 
@@ -1346,6 +1470,14 @@ def require(path: Path, made_by: str) -> Path:
     return path
 
 
+def default_crm(run_dir: Path) -> Path:
+    """The CRM a later stage uses when no --crm is given: runs/<run>/crm_rl, the paper's recipe (trained on
+    rollouts sampled during GRPO training: crm_from_rollouts), once it exists; until then runs/<run>/crm
+    (trained on the SFT policy's rollouts)."""
+    recipe = run_dir / Config.crm_out
+    return recipe if recipe.is_dir() else require(run_dir / "crm", f"python 01_sft_rm.py --run {run_dir.name}")
+
+
 # B.2 the command line: a flag per Config field, its comment as --help
 def field_comments(config_class) -> dict[str, str]:
     """Each field's one-line comment in the class's own source, read with the tokenize module (so a "#"
@@ -1470,19 +1602,24 @@ def check_crm(cfg: Config, crm_path: str) -> None:
     del crm
 
 
-def judge_rows(cfg: Config, rows: list[dict], run_dir: Path) -> tuple[list[dict], dict]:
-    """Rows labelled by the LLM judge of --judge (a local model on cfg.device) or --judge-url (an endpoint;
-    its replies cached in runs/<run>/judge_cache.jsonl, so a killed run asks only for the rest). Unparseable
-    verdicts are counted in the stats and dropped (adapters/judge.py)."""
+def make_judge(cfg, cache_path: Path):
+    """The LLM judge of --judge (a local model on cfg.device) or --judge-url (an endpoint, its replies cached in
+    cache_path, so a killed run asks only for the rest). cfg: any stage's Config with the judge's fields."""
     from adapters import judge as judges
 
     if cfg.judge_url:
-        judge = judges.UrlJudge(cfg.judge_url, cfg.judge_model, api_key_env=cfg.judge_api_key_env,
-                                cache_path=str(run_dir / "judge_cache.jsonl"))
-    else:
-        judge = judges.LocalJudge(cfg.judge, device=cfg.device, dtype=compute_dtype(cfg.device, cfg.dtype),
-                                  batch_size=cfg.judge_batch_size)
-    return judges.label_rows(judge, rows)
+        return judges.UrlJudge(cfg.judge_url, cfg.judge_model, api_key_env=cfg.judge_api_key_env,
+                               cache_path=str(cache_path))
+    return judges.LocalJudge(cfg.judge, device=cfg.device, dtype=compute_dtype(cfg.device, cfg.dtype),
+                             batch_size=getattr(cfg, "judge_batch_size", 16))
+
+
+def judge_rows(cfg: Config, rows: list[dict], run_dir: Path) -> tuple[list[dict], dict]:
+    """Rows labelled by the LLM judge (make_judge; a URL judge's replies cached in runs/<run>/judge_cache.jsonl).
+    Unparseable verdicts are counted in the stats and dropped (adapters/judge.py)."""
+    from adapters import judge as judges
+
+    return judges.label_rows(make_judge(cfg, run_dir / "judge_cache.jsonl"), rows)
 
 
 def check_judge(cfg: Config, run_dir: Path) -> None:

@@ -57,7 +57,7 @@ stage1 = importlib.import_module("01_sft_rm")
 class Config:
     run: str = "default"  # run folder: runs/<run>/
     runs_dir: str = "runs"  # parent folder of all runs
-    crm: str | None = None  # consistency reward model; None = runs/<run>/crm
+    crm: str | None = None  # consistency reward model; None = runs/<run>/crm_rl if stage 1 made it, else crm
     lambda_cons: float = 1.0  # r_cons = lambda*P; changes only --advantage sum (a z-score drops the scale)
     format_weight: float = 1.0  # reward for a well-formed completion
     crm_batch_size: int = 64  # pairs per CRM forward
@@ -222,7 +222,7 @@ def main(cfg: Config) -> list[dict]:
     rollouts = stage1.require(run_dir / "rollouts.jsonl", "python 02_rollout.py")
     prompts = stage1.read_jsonl(rollouts)
     check_rollouts(prompts, rollouts)
-    crm_path = cfg.crm or str(stage1.require(run_dir / "crm", "python 01_sft_rm.py"))
+    crm_path = cfg.crm or str(stage1.default_crm(run_dir))
     crm, crm_tokenizer = stage1.load_crm(crm_path, cfg.device, stage1.compute_dtype(cfg.device, cfg.dtype))
     crm.eval()
     texts = [c["text"] for p in prompts for c in p["completions"]]

@@ -39,8 +39,8 @@ resumed on the same number of ranks. Not supported: LoRA with fsdp, the fast sam
 another number of ranks.
 
 Reads:  runs/<run>/{data,policy_sft,crm}/ and stage1.json (01_sft_rm.py).
-Writes: runs/<run>/<name>/ with metrics.jsonl (one line per step), samples.jsonl (decoded
-        completions every --sample-every steps), checkpoint/ (every --checkpoint-every steps,
+Writes: runs/<run>/<name>/ with metrics.jsonl (one line per step), rollouts.jsonl (every rollout of every
+        --save-rollouts-every-th step: the text, where it comes from, its scores), checkpoint/ (every --checkpoint-every steps,
         atomic; --resume continues from it), policy/ (the final weights), summary.json. A folder that holds
         a run is never replaced unless --overwrite says so.
 Run:    python 05_grpo_train.py --advantage hras      # CORA;   --advantage grpo | sum for the baselines
@@ -78,7 +78,7 @@ class Config:
     runs_dir: str = "runs"  # parent folder of all runs
     name: str | None = None  # output folder runs/<run>/<name>/; None = "<advantage>_seed<seed>"
     init: str | None = None  # policy to start from; None = runs/<run>/policy_sft
-    crm: str | None = None  # consistency reward model; None = runs/<run>/crm
+    crm: str | None = None  # consistency reward model; None = runs/<run>/crm_rl if stage 1 made it, else crm
     # rewards and advantages
     advantage: str = "hras"  # hras (CORA) | grpo (task reward only) | sum (sum, then normalise)
     lambda_cons: float = 1.0  # r_cons = lambda_cons * P_CRM; only sum feels it (hras z-scores it away, but 0)
@@ -121,7 +121,18 @@ class Config:
     parallel: str = "auto"  # torchrun: ddp (whole model per rank) | fsdp (FSDP2, 1/N per rank); auto = ddp
     # bookkeeping
     checkpoint_every: int = 25  # steps between checkpoints
-    sample_every: int = 25  # steps between dumps of decoded completions
+    save_rollouts_every: int = 1  # every N steps the step's rollouts go to rollouts.jsonl (CRM data); 0 = none
+    # the drift monitor (embedded: the oracle judges every rollout) and the guard against a fooled CRM
+    drift_warn: float = 0.1  # warn when the CRM and the judge disagree on more than this share (10-step mean)
+    audit_every: int = 0  # every N steps the judge labels --audit-rows of the step's rollouts (real data); 0 = off
+    audit_rows: int = 16  # rollouts the judge labels per audit
+    judge: str | None = None  # the audit's judge: a local instruct model (as 01_sft_rm.py --judge)
+    judge_url: str | None = None  # or an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1
+    judge_model: str | None = None  # the model name to ask at --judge-url
+    judge_api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the endpoint's key
+    crm_refresh_every: int = 0  # guard: every N steps the CRM trains on the rollouts judged since; 0 = off
+    crm_refresh_steps: int = 20  # the guard's CRM optimiser steps per refresh (batches of 64 judged rollouts)
+    crm_refresh_lr: float = 1e-4  # their peak learning rate
     resume: bool = False  # continue from runs/<run>/<name>/checkpoint
     overwrite: bool = False  # replace a run folder that already holds a run (else such a folder is refused)
     stop_after: int = 0  # stop after this many steps in this process, as if killed (tests of --resume)
@@ -136,7 +147,10 @@ def check_config(cfg: Config) -> None:
                 "--group-size": (cfg.group_size, 2), "--max-new-tokens": (cfg.max_new_tokens, 1),
                 "--top-k": (cfg.top_k, 0), "--updates-per-batch": (cfg.updates_per_batch, 1),
                 "--micro-batch-size": (cfg.micro_batch_size, 1), "--logprob-chunk": (cfg.logprob_chunk, 1),
-                "--checkpoint-every": (cfg.checkpoint_every, 1), "--sample-every": (cfg.sample_every, 1),
+                "--checkpoint-every": (cfg.checkpoint_every, 1),
+                "--save-rollouts-every": (cfg.save_rollouts_every, 0), "--audit-every": (cfg.audit_every, 0),
+                "--audit-rows": (cfg.audit_rows, 1), "--crm-refresh-every": (cfg.crm_refresh_every, 0),
+                "--crm-refresh-steps": (cfg.crm_refresh_steps, 1),
                 "--stop-after": (cfg.stop_after, 0), "--lora-rank": (cfg.lora_rank, 0),
                 "--beta-warmup-steps": (cfg.beta_warmup_steps, 0)}
     for flag, (value, low) in at_least.items():
@@ -183,6 +197,17 @@ def check_config(cfg: Config) -> None:
         raise SystemExit("--parallel fsdp with --fast on: not supported (the compiled decode step cannot "
                          "run through FSDP2's hooks); leave --fast auto, which samples with the simple loop "
                          "under fsdp.")
+    if not 0 <= cfg.drift_warn <= 1:
+        raise SystemExit(f"--drift-warn {cfg.drift_warn}: a share of rollouts, between 0 and 1.")
+    if cfg.audit_every and not (cfg.judge or cfg.judge_url):
+        raise SystemExit(f"--audit-every {cfg.audit_every}: an audit needs a judge: pass --judge MODEL, or "
+                         f"--judge-url URL --judge-model NAME.")
+    if cfg.judge and cfg.judge_url:
+        raise SystemExit("--judge and --judge-url both name a judge: pass one of them.")
+    if bool(cfg.judge_url) != bool(cfg.judge_model):
+        raise SystemExit("--judge-url and --judge-model go together: the endpoint and the model to ask there.")
+    if not (math.isfinite(cfg.crm_refresh_lr) and cfg.crm_refresh_lr > 0):
+        raise SystemExit(f"--crm-refresh-lr {cfg.crm_refresh_lr}: must be a finite number above 0.")
     if cfg.resume and cfg.overwrite:
         raise SystemExit("--resume and --overwrite: pass one (continue the run, or replace it).")
 
@@ -429,6 +454,15 @@ def sum_over_ranks(values: list[float], device) -> list[float]:
     return summed.tolist()
 
 
+def gather_records(records: list[dict]) -> list[dict]:
+    """Every rank's records, in rank order, on every rank; the records themselves in one process."""
+    if not dist.is_initialized():
+        return records
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, records)
+    return [r for rank_records in everyone for r in rank_records]
+
+
 def mean_over_ranks(row: dict, device) -> dict:
     """The step's metrics averaged over ranks (one all-reduce). Every rank has the same number of rows and
     groups, so a mean over rows or groups is the global one; entropy, a mean over tokens, weighs the ranks
@@ -538,16 +572,18 @@ def saveable(model, weights: dict | None):
 
 # ----------------------------------------------------------------------------- checkpoints
 # Flags a resumed run must keep: it would mix methods or batch shapes, and each rank's sampler state is saved.
-RESUME_MUST_MATCH = ["advantage", "group_size", "prompts_per_step", "lora_rank", "parallel", "world_size"]
-RUN_OUTPUTS = ["metrics.jsonl", "samples.jsonl", "checkpoint", "checkpoint.old", "checkpoint.tmp", "policy",
-               "policy.tmp", "summary.json"]  # what --overwrite removes
+RESUME_MUST_MATCH = ["advantage", "group_size", "prompts_per_step", "lora_rank", "parallel", "world_size", "crm"]
+RUN_OUTPUTS = ["metrics.jsonl", "rollouts.jsonl", "checkpoint", "checkpoint.old", "checkpoint.tmp", "policy",
+               "policy.tmp", "crm", "crm.tmp", "summary.json", "judge_cache.jsonl"]  # what --overwrite removes
 
 
 def save_checkpoint(out_dir: Path, model, processor, optimizer, scheduler, step: int, rng_states: dict,
-                    run_config: dict) -> None:
+                    run_config: dict, guard: dict | None = None) -> None:
     """Write checkpoint.tmp/, then swap it in: a kill at any moment leaves one complete checkpoint.
     torchrun: every rank calls it (fsdp gathers the weights and AdamW states; each rank's sampler state is
-    gathered); rank 0 writes; the others wait for it, so no rank reads a half-written checkpoint."""
+    gathered); rank 0 writes; the others wait for it, so no rank reads a half-written checkpoint.
+    guard (--crm-refresh-every): {"crm", "tokenizer", "rows"}: the refreshed CRM goes to checkpoint/crm/, the
+    rollouts judged since its last refresh into trainer_state.pt."""
     mode, rank = run_config["parallel"], dist.get_rank() if dist.is_initialized() else 0
     weights = whole_weights(model, mode)
     if mode == "fsdp":
@@ -566,8 +602,12 @@ def save_checkpoint(out_dir: Path, model, processor, optimizer, scheduler, step:
         shutil.rmtree(tmp, ignore_errors=True)
         saveable(model, weights).save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                    "ranks": per_rank}, tmp / "trainer_state.pt")
+        state = {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "ranks": per_rank}
+        if guard:
+            guard["crm"].save_pretrained(tmp / "crm")
+            guard["tokenizer"].save_pretrained(tmp / "crm")
+            state["crm_refresh_rows"] = guard["rows"]
+        torch.save(state, tmp / "trainer_state.pt")
         stage1.write_json_atomic(tmp / "run_config.json", run_config)  # what a --resume must match
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
@@ -616,7 +656,7 @@ def check_run_folder(cfg: Config, out_dir: Path, run_config: dict) -> Path | Non
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl (or samples.jsonl); a last line cut short by a kill is dropped with a
+    """The rows of a metrics.jsonl (or rollouts.jsonl); a last line cut short by a kill is dropped with a
     warning, and the step it belonged to is redone (--resume) or missing (stage 6's curves)."""
     return stage1.read_jsonl(path, drop_cut_last_line=True)
 
@@ -646,6 +686,88 @@ def step_metrics(scores: list[dict], crm_probs: list[float], lengths, truncated,
             **stage4.zero_variance_stats(task, advantages, group_size)}
 
 
+# ----------------------------------------------------------------------------- the CRM's data and its drift
+def rollout_records(step: int, cfg: Config, rows: list[int], questions: list[str], truths: list[str],
+                    texts: list[str], scores: list[dict]) -> list[dict]:
+    """One record per rollout of the step, for rollouts.jsonl: what a judge needs to label it (the question,
+    the completion), where it comes from (step, seed, method, the prompt's row) and its scores. The paper
+    trains its CRM on rollouts sampled during GRPO training: stage 1's --crm-rollouts reads these."""
+    return [{"step": step, "seed": cfg.seed, "method": cfg.advantage, "row": rows[i // cfg.group_size],
+             "question": questions[i], "truth": truths[i], "text": text, **scores[i]}
+            for i, text in enumerate(texts)]
+
+
+def drift(crm_probs: list[float], judged: list[bool | None]) -> dict:
+    """The drift monitor, on the rollouts a judge labelled (True consistent, False inconsistent, None not
+    judged; on the embedded tasks the oracle judges every rollout): how often the CRM's verdict
+    (P(consistent) >= 0.5) differs from the judge's, and how often it accepts one the judge rejects, the way
+    a policy fools its reward. Both None when nothing was judged.
+
+    Example: P = [0.9, 0.8, 0.2, 0.6], judge = [True, False, False, None] -> 3 judged; the CRM differs on
+             the 0.8 alone: disagreement 1/3, accepts_inconsistent 1/3.
+    """
+    pairs = [(p >= 0.5, j) for p, j in zip(crm_probs, judged) if j is not None]
+    if not pairs:
+        return {"crm_judge_disagreement": None, "crm_accepts_inconsistent": None}
+    return {"crm_judge_disagreement": sum(crm != judge for crm, judge in pairs) / len(pairs),
+            "crm_accepts_inconsistent": sum(crm and not judge for crm, judge in pairs) / len(pairs)}
+
+
+def drift_alarm(disagreements: list[float], threshold: float, window: int = 10) -> bool:
+    """True at the step where the mean disagreement of the last `window` judged steps rises above threshold
+    (at or below it one judged step earlier, or the first full window). One warning a crossing, not a step.
+
+    Example (window 2, threshold 0.1): [0.0, 0.1, 0.3] -> True (means 0.05 then 0.2);
+             [0.0, 0.1, 0.3, 0.2] -> False (still above: warned already).
+    """
+    if len(disagreements) < window:
+        return False
+    now = sum(disagreements[-window:]) / window
+    before = sum(disagreements[-window - 1:-1]) / window if len(disagreements) > window else 0.0
+    return now > threshold >= before
+
+
+def audit(judge, texts: list[str], questions: list[str], n_rows: int, rng: random.Random) -> list[bool | None]:
+    """The judge's verdicts on n_rows of the step's rollouts drawn at random among those with a thinking and an
+    answer (True consistent, False inconsistent, None not asked or no verdict): what the drift monitor reads
+    on real data, where there is no oracle. A URL judge's replies are cached in the run folder."""
+    from adapters import judge as judges
+
+    parsed = [i for i, text in enumerate(texts) if None not in stage1.parse_completion(text)]
+    asked = sorted(rng.sample(parsed, min(n_rows, len(parsed))))
+    rows = [dict(zip(("thinking", "answer"), stage1.parse_completion(texts[i])), question=questions[i])
+            for i in asked]
+    replies = judge.complete([judges.judge_prompt(r) for r in rows])
+    verdicts: list[bool | None] = [None] * len(texts)
+    for i, reply in zip(asked, replies):
+        verdict = judges.parse_verdict(reply)
+        verdicts[i] = None if verdict is None else bool(verdict)
+    return verdicts
+
+
+def judged_rows(texts: list[str], questions: list[str], verdicts: list[bool | None]) -> list[dict]:
+    """The judged rollouts as CRM training rows {question, thinking, answer, label}."""
+    rows = []
+    for text, question, verdict in zip(texts, questions, verdicts):
+        think, answer = stage1.parse_completion(text)
+        if verdict is not None and think is not None and answer is not None:
+            rows.append({"question": question, "thinking": think, "answer": answer, "label": int(verdict)})
+    return rows
+
+
+def refresh_crm(cfg: Config, crm, tokenizer, rows: list[dict], step: int) -> float:
+    """The guard (one step past the paper, which keeps its CRM frozen): --crm-refresh-steps supervised steps
+    of the CRM on the rollouts judged since the last refresh (stage 1's train_crm), so the text the policy
+    drifts into is text the CRM has read, with the judge's verdict. Returns the mean loss."""
+    settings = stage1.Config(crm_steps=cfg.crm_refresh_steps, crm_lr=cfg.crm_refresh_lr, crm_batch_size=64,
+                             warmup_steps=0, seed=cfg.seed * 100_003 + step, device=cfg.device, dtype=cfg.dtype,
+                             crm_max_length=stage1.crm_max_length(tokenizer))
+    crm.requires_grad_(True)
+    losses = stage1.train_crm(settings, crm, tokenizer, rows)
+    crm.requires_grad_(False).eval()
+    return sum(losses) / len(losses)
+
+
 # ----------------------------------------------------------------------------- main
 def main(cfg: Config) -> dict:
     from datasets import load_from_disk
@@ -672,9 +794,16 @@ def main(cfg: Config) -> dict:
         raise SystemExit(f"--prompts-per-step {cfg.prompts_per_step}: must be a multiple of the "
                          f"{world} ranks.")
     out_dir = run_dir / (cfg.name or f"{cfg.advantage}_seed{cfg.seed}")
+    cfg = dataclasses.replace(cfg, crm=cfg.crm or str(stage1.default_crm(run_dir)))  # recorded: a resume keeps it
     run_config = {**dataclasses.asdict(cfg), "parallel": mode, "world_size": world}
     # refuses to mix or erase runs, before any model loads
     checkpoint = check_run_folder(cfg, out_dir, run_config)
+    if cfg.crm_refresh_every and not embedded and not cfg.audit_every:
+        raise SystemExit(f"--crm-refresh-every {cfg.crm_refresh_every}: the guard trains the CRM on judged "
+                         f"rollouts, and real data has no oracle: add an audit (--audit-every N with --judge or "
+                         f"--judge-url), whose verdicts it trains on.")
+    if cfg.audit_every:
+        stage1.check_judge(cfg, run_dir)  # the judge answers before any model loads
     if world > 1:
         dist.barrier()  # torchrun: every rank has read the run folder before rank 0 changes it
     init = cfg.init or str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))
@@ -704,8 +833,18 @@ def main(cfg: Config) -> dict:
         reference = stage1.load_policy(init, cfg.device, dtype=dtype)[0].eval().requires_grad_(False)
         reference = parallelize(mode, reference, cfg.device, dtype, trains=False)
     model = parallelize(mode, model, cfg.device, dtype)  # torchrun: DDP or FSDP2 (a no-op alone)
-    crm_path = cfg.crm or str(stage1.require(run_dir / "crm", "python 01_sft_rm.py"))
-    crm, crm_tokenizer = stage1.load_crm(crm_path, cfg.device, dtype=dtype)
+    # the guard trains the CRM: fp32 weights, restored from the checkpoint on a resume
+    refreshed = checkpoint / "crm" if checkpoint and cfg.crm_refresh_every else None
+    crm, crm_tokenizer = stage1.load_crm(str(refreshed or cfg.crm), cfg.device,
+                                         dtype=torch.float32 if cfg.crm_refresh_every else dtype)
+    if rank == 0:
+        print(f"consistency reward model: {refreshed or cfg.crm}")
+    judge = None
+    if cfg.audit_every:  # a URL judge's replies cached per rank in the run folder
+        cache = out_dir / ("judge_cache.jsonl" if world == 1 else f"judge_cache_rank{rank}.jsonl")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        judge = stage1.make_judge(cfg, cache)
+    refresh_rows: list[dict] = []  # the guard's data: rollouts judged since the CRM's last refresh
     crm.eval().requires_grad_(False)
     reward_cfg = stage3.Config(lambda_cons=cfg.lambda_cons, format_weight=cfg.format_weight,
                                device=cfg.device)
@@ -741,16 +880,17 @@ def main(cfg: Config) -> dict:
         generator.set_state(mine["generator"])
         torch.set_rng_state(mine["torch_rng"])
         start_step = state["step"]
+        refresh_rows = state.get("crm_refresh_rows", [])
         if rank == 0:
             print(f"resumed from {checkpoint} at step {start_step}")
-    metrics_path, samples_path = out_dir / "metrics.jsonl", out_dir / "samples.jsonl"
+    metrics_path, rollouts_path = out_dir / "metrics.jsonl", out_dir / "rollouts.jsonl"
     if rank == 0:  # torchrun: one writer
         out_dir.mkdir(parents=True, exist_ok=True)
         for name in RUN_OUTPUTS if cfg.overwrite else []:  # --overwrite: the old run goes now, not before
             (shutil.rmtree(out_dir / name) if (out_dir / name).is_dir()
              else (out_dir / name).unlink(missing_ok=True))
         # a resumed run redoes (and relogs) the steps after its checkpoint
-        for path in (metrics_path, samples_path):
+        for path in (metrics_path, rollouts_path):
             kept = ([r for r in read_metrics(path) if r["step"] <= start_step]
                     if checkpoint and path.exists() else [])
             stage1.write_jsonl_atomic(path, kept)
@@ -758,6 +898,8 @@ def main(cfg: Config) -> dict:
 
     per_rank = cfg.prompts_per_step // world
     started, steps_this_run = time.time(), 0
+    disagreements = [r["crm_judge_disagreement"] for r in (read_metrics(metrics_path) if rank == 0 else [])
+                     if r.get("crm_judge_disagreement") is not None]  # the drift monitor's history
     for step in (bar := tqdm(range(start_step, cfg.steps), desc=f"{cfg.advantage} seed {cfg.seed}",
                              initial=start_step, total=cfg.steps, disable=rank > 0)):
         # 1-2. prompts and rollouts (torchrun: every rank draws the same P, and takes its own P / N of them)
@@ -792,26 +934,49 @@ def main(cfg: Config) -> dict:
         losses = update(cfg, model, reference, optimizer, scheduler, prompt, ids, mask, old_logprobs,
                         advantages, step + 1)
 
+        # 6. the drift monitor: the CRM against a judge (embedded: the rule oracle, on every rollout; with an
+        # audit: the judge's verdicts on --audit-rows rollouts every --audit-every steps)
         crm_probs = [s["crm_prob"] for s in scores]  # P(consistent) itself, whatever lambda_cons
+        judged = [s["oracle_consistent"] for s in scores]
+        if judge is not None:
+            audited = (step + 1) % cfg.audit_every == 0
+            judged = (audit(judge, texts, group_questions, cfg.audit_rows,
+                            random.Random(f"{cfg.seed}-{rank}-{step}")) if audited else [None] * len(scores))
+        # 7. the guard (off by default): the CRM trains on the rollouts judged since its last refresh
+        refresh_loss = None
+        if cfg.crm_refresh_every:
+            refresh_rows += gather_records(judged_rows(texts, group_questions, judged))  # the same on every rank
+            if (step + 1) % cfg.crm_refresh_every == 0 and refresh_rows:
+                refresh_loss = refresh_crm(cfg, crm, crm_tokenizer, refresh_rows, step + 1)
+                refresh_rows = []
         row = {"step": step + 1, **step_metrics(scores, crm_probs, mask.sum(1), truncated, task, advantages,
                                                  cfg.group_size, old_logprobs, mask),
-               **losses, "beta_t": beta_t, "lr": lr, "seconds": round(time.time() - started, 2)}
+               **drift(crm_probs, judged), **losses, "crm_refresh_loss": refresh_loss, "beta_t": beta_t,
+               "lr": lr, "seconds": round(time.time() - started, 2)}
         row = mean_over_ranks(row, cfg.device)  # torchrun: one line for all ranks
+        if cfg.save_rollouts_every and (step + 1) % cfg.save_rollouts_every == 0:  # the CRM's future data
+            records = gather_records(rollout_records(step + 1, cfg, rows, group_questions, truths, texts, scores))
+            if rank == 0:
+                with open(rollouts_path, "a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in records)
         if rank == 0:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             bar.set_postfix(acc=f"{row['accuracy']:.2f}", cons=f"{row['crm_consistency']:.2f}",
                             kl=f"{row['kl']:.3f}")
-        if (step + 1) % cfg.sample_every == 0 and rank == 0:  # torchrun: rank 0's groups
-            with open(samples_path, "a") as f:
-                for i in range(0, len(texts), cfg.group_size * 2):
-                    f.write(json.dumps({"step": step + 1, "question": group_questions[i], "answer": truths[i],
-                                        "completion": texts[i], **scores[i]}) + "\n")
+            if row["crm_judge_disagreement"] is not None:
+                disagreements.append(row["crm_judge_disagreement"])
+                if drift_alarm(disagreements, cfg.drift_warn):
+                    tqdm.write(f"warning: step {step + 1}: the CRM and the judge disagree on "
+                               f"{sum(disagreements[-10:]) / 10:.0%} of the rollouts of the last 10 judged "
+                               f"steps, above --drift-warn {cfg.drift_warn}; the policy may be fooling the CRM "
+                               f"(read {rollouts_path}; the guard: --crm-refresh-every).")
         steps_this_run += 1
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            guard = {"crm": crm, "tokenizer": crm_tokenizer, "rows": refresh_rows} if cfg.crm_refresh_every else None
             save_checkpoint(out_dir, model, processor, optimizer, scheduler, step + 1,
                             {"prompt_rng": prompt_rng.getstate(), "generator": generator.get_state(),
-                             "torch_rng": torch.get_rng_state()}, run_config)
+                             "torch_rng": torch.get_rng_state()}, run_config, guard)
         if cfg.stop_after and steps_this_run >= cfg.stop_after:
             if rank == 0:
                 print(f"stopping after {steps_this_run} steps (--stop-after)")
@@ -822,6 +987,8 @@ def main(cfg: Config) -> dict:
         dist.barrier()  # torchrun: return once rank 0 has written the policy
         return {}
     stage1.save_folder_atomic(out_dir / "policy", saveable(model, weights), processor)
+    if cfg.crm_refresh_every:  # the guard's CRM as it ended
+        stage1.save_folder_atomic(out_dir / "crm", crm, crm_tokenizer)
     history = stage1.read_jsonl(metrics_path)
     last = history[-10:]
     summary = {k: sum(r[k] for r in last) / len(last)
@@ -833,7 +1000,7 @@ def main(cfg: Config) -> dict:
     print(f"\n{cfg.advantage}: rollout accuracy {summary['first_10_steps_accuracy']:.3f} (first 10 steps) -> "
           f"{summary['accuracy']:.3f} (last 10); CRM consistency {summary['crm_consistency']:.3f}"
           + (f"; oracle IR {summary['oracle_inconsistency_rate']:.3f}" if embedded else ""))
-    print(f"wrote {out_dir}/{{metrics.jsonl,samples.jsonl,policy}}")
+    print(f"wrote {out_dir}/{{metrics.jsonl,rollouts.jsonl,policy}}")
     if world > 1:
         dist.barrier()
     return summary

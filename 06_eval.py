@@ -13,6 +13,8 @@ training temperature; --temperature 0 = one greedy completion):
   IR steps          share whose steps do not imply the thinking's conclusion (oracle; ir_steps)
   IR answer         share whose <answer> is not that conclusion (oracle; ir_answer). A completion may
                     fail both links, so IR (oracle) <= IR steps + IR answer.
+  gap               IR (CRM) - IR (oracle) (ir_gap); a checkpoint where they differ by more than 5 points
+                    is flagged above the table: there the policy's text fools the CRM (or it is too strict)
   CC CW IC IW       consistent/inconsistent x correct/wrong shares (oracle when there is one, else CRM)
   length            mean completion length in tokens
 
@@ -78,6 +80,7 @@ class Config:
     run: str = "default"  # run folder: runs/<run>/
     runs_dir: str = "runs"  # parent folder of all runs
     checkpoints: str = ""  # "name=path,name=path"; empty = policy_sft and every runs/<run>/*/policy
+    crm: str | None = None  # the CRM behind IR (CRM); None = runs/<run>/crm_rl if stage 1 made it, else crm
     n: int = 200  # test prompts
     samples: int = 4  # completions per prompt (1 when greedy)
     temperature: float = 1.0  # sampling temperature; 0 = greedy
@@ -90,7 +93,7 @@ class Config:
     examples: int = 6  # test prompts on the examples page (examples.md); 0 = no page
     # --reproduce
     reproduce: bool = False  # run stage 1, stage 5 for every method and seed, then evaluate all
-    methods: str = "grpo,hras,sum"  # advantages to train with
+    methods: str = "grpo,hras,sum"  # rows to train (METHODS); add hras-sftcrm, hras-guard for the ablations
     seeds: str = "0,1,2"  # training seeds
     train_steps: int = 80  # stage 5 steps per run
     scale: int = 1  # multiply train_steps and prompts per step (e.g. 4 on a GPU)
@@ -124,10 +127,10 @@ def check_config(cfg: Config) -> dict[str, str]:
             raise SystemExit(f"--benchmark {cfg.benchmark}: unknown; use one of "
                              f"{', '.join(benchmarks.BENCHMARKS)}.")
     if cfg.reproduce:
-        unknown = [m for m in cfg.methods.split(",") if m not in ("grpo", "hras", "sum")]
+        unknown = [m for m in cfg.methods.split(",") if m not in METHODS]
         if unknown:
-            raise SystemExit(f"--methods {cfg.methods}: {unknown} unknown; use a comma list of grpo, hras, "
-                             f"sum.")
+            raise SystemExit(f"--methods {cfg.methods}: {unknown} unknown; use a comma list of "
+                             f"{', '.join(METHODS)}.")
         if not all(s.strip().lstrip("-").isdigit() for s in cfg.seeds.split(",")):
             raise SystemExit(f"--seeds {cfg.seeds}: use a comma list of integers, e.g. 0,1,2.")
     checkpoints = {}
@@ -149,6 +152,9 @@ def non_finite(model) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- metrics
+GAP_FLAG = 0.05  # a checkpoint whose IR (CRM) and IR (oracle) differ by more than this is flagged
+
+
 def eval_metrics(records: list[dict]) -> dict:
     """Aggregate per-completion records {accuracy, format, crm_prob, oracle_consistent, length}.
 
@@ -188,6 +194,30 @@ def link_failure_rates(records: list[dict]) -> dict:
             "ir_answer": sum(not r["oracle_answer"] for r in records) / n}
 
 
+def crm_against_oracle(records: list[dict]) -> dict:
+    """Where the CRM and the oracle part (both None without an oracle):
+      ir_gap                   IR (CRM) - IR (oracle): negative when the CRM calls consistent what the oracle
+                               does not (the policy fooling it), positive when it is the stricter one
+      crm_agreement            the share of completions on which the two agree
+      crm_catches_steps_only   the share of the completions whose steps alone fail (their answer is their
+                               conclusion: the kind only a CRM that reads the steps can catch) that the CRM
+                               flags, P(consistent) < 0.5 (None when there are none)
+
+    Example: (oracle_steps, oracle_answer, crm_prob) = (True, True, 0.9), (False, True, 0.8),
+             (False, True, 0.3), (True, False, 0.1) -> IR oracle 3/4, IR CRM 2/4 (0.3, 0.1): ir_gap -0.25;
+             they agree on all but the 0.8: agreement 3/4; two fail the steps alone, the CRM flags the 0.3:
+             crm_catches_steps_only 0.5.
+    """
+    if records[0]["oracle_steps"] is None:
+        return {"ir_gap": None, "crm_agreement": None, "crm_catches_steps_only": None}
+    n = len(records)
+    oracle = [r["oracle_steps"] and r["oracle_answer"] for r in records]
+    crm = [r["crm_prob"] >= 0.5 for r in records]
+    steps_only = [r["crm_prob"] for r in records if not r["oracle_steps"] and r["oracle_answer"]]
+    return {"ir_gap": (sum(oracle) - sum(crm)) / n, "crm_agreement": sum(map(bool.__eq__, oracle, crm)) / n,
+            "crm_catches_steps_only": sum(p < 0.5 for p in steps_only) / len(steps_only) if steps_only else None}
+
+
 def kind_of(record: dict) -> str:
     """CC, CW, IC or IW: consistent/inconsistent (the oracle when there is one, else the CRM at 0.5) x
     correct/wrong, as eval_metrics counts them. Example: oracle False, accuracy 1 -> "IC"."""
@@ -224,7 +254,7 @@ def evaluate(model, processor, test, columns: dict, crm, crm_tokenizer, cfg: Con
                 "text": c["text"], "length": c["length"]} for s, (p, j, c) in zip(scores, completions)]
     for r in records:
         r["kind"] = kind_of(r)
-    metrics = eval_metrics(records) | link_failure_rates(records)
+    metrics = eval_metrics(records) | link_failure_rates(records) | crm_against_oracle(records)
     if benchmark:  # the number the benchmark reports (CV-Bench: not the plain mean over completions)
         from adapters import benchmarks
 
@@ -244,8 +274,8 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 def markdown_table(results: dict[str, list[dict]]) -> str:
     """One row per method; cells 'mean +- se' over the checkpoints of that method (its seeds)."""
-    keys = ["accuracy", "ir_oracle", "ir_steps", "ir_answer", "ir_crm", "format_rate", "CC", "CW", "IC", "IW",
-            "length"]
+    keys = ["accuracy", "ir_oracle", "ir_steps", "ir_answer", "ir_crm", "ir_gap", "format_rate", "CC", "CW", "IC",
+            "IW", "length"]
     keys = [k for k in keys if all(r.get(k) is not None for rs in results.values() for r in rs)]
     lines = ["| checkpoint | runs | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for name, rows in results.items():
@@ -414,15 +444,17 @@ def plot_curves(panels: dict[str, dict[str, list[tuple[int, float]]]], path: Pat
 
 
 def training_curves(run_dir: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """accuracy, oracle IR and CRM consistency against step, for every stage-5 run under run_dir."""
-    panels = {"rollout accuracy": {}, "rollout IR (oracle)": {}, "rollout CRM consistency": {}}
+    """accuracy, oracle IR, CRM consistency and the drift monitor (CRM against oracle) against step, for every
+    stage-5 run under run_dir."""
     keys = {"rollout accuracy": "accuracy", "rollout IR (oracle)": "oracle_inconsistency_rate",
-            "rollout CRM consistency": "crm_consistency"}
+            "rollout CRM consistency": "crm_consistency", "CRM-oracle disagreement": "crm_judge_disagreement"}
+    panels = {title: {} for title in keys}
     for metrics in sorted(run_dir.glob("*/metrics.jsonl")):
         rows = stage5.read_metrics(metrics)  # a last line cut short (a killed run) is dropped with a warning
         for title, key in keys.items():
-            if rows and rows[0].get(key) is not None:
-                panels[title][metrics.parent.name] = [(r["step"], r[key]) for r in rows]
+            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]  # None: not measured
+            if points:
+                panels[title][metrics.parent.name] = points
     return panels
 
 
@@ -435,21 +467,33 @@ def worker_count(jobs: str, device: str) -> int:
     return 1 if device.startswith("cuda") else min(2, os.cpu_count() or 1)
 
 
-def pending_runs(cfg: Config, run_dir: Path) -> list:
-    """The stage-5 configs of every (method, seed) run still to train, in order; a run with a summary.json is
-    done and kept, one killed after a checkpoint resumes from it (--resume), any other starts anew."""
+# --reproduce's rows: each a stage-5 method and the CRM it trains with (a folder of runs/<run>/). Runs are
+# named <method>_seed<seed>. The paper's recipe: GRPO first, its rollouts train crm_rl, the rest use it.
+METHODS = {
+    "grpo": {"advantage": "grpo", "crm": "crm"},  # the baseline; reads no CRM (logged only)
+    "hras": {"advantage": "hras", "crm": "crm_rl"},  # CORA with the CRM of the GRPO runs' rollouts
+    "sum": {"advantage": "sum", "crm": "crm_rl"},  # without HRAS: the rewards summed, then normalised
+    "hras-sftcrm": {"advantage": "hras", "crm": "crm"},  # ablation: CORA with the CRM of SFT rollouts
+    "hras-guard": {"advantage": "hras", "crm": "crm_rl", "crm_refresh_every": 10},  # + the guard (05)
+}
+
+
+def pending_runs(cfg: Config, run_dir: Path, methods: list[str] | None = None) -> list:
+    """The stage-5 configs of every (method, seed) run still to train (methods: None = all of --methods), in
+    order; a run with a summary.json is done and kept, one killed after a checkpoint resumes from it
+    (--resume), any other starts anew."""
     todo = []
-    for method in cfg.methods.split(","):
+    for method in methods or cfg.methods.split(","):
+        flags = {**METHODS[method], "crm": str(run_dir / METHODS[method]["crm"])}
         for seed in (int(s) for s in cfg.seeds.split(",")):
             name = f"{method}_seed{seed}"
             if (run_dir / name / "summary.json").exists():
                 print(f"{name}: done already, kept")
                 continue
             resume = stage5.latest_checkpoint(run_dir / name) is not None  # killed after a checkpoint
-            todo.append(stage5.Config(run=cfg.run, runs_dir=cfg.runs_dir, name=name, advantage=method,
-                                      seed=seed, steps=cfg.train_steps * cfg.scale,
-                                      prompts_per_step=8 * cfg.scale, resume=resume, overwrite=not resume,
-                                      device=cfg.device, dtype=cfg.dtype))
+            todo.append(stage5.Config(run=cfg.run, runs_dir=cfg.runs_dir, name=name, seed=seed, **flags,
+                                      steps=cfg.train_steps * cfg.scale, prompts_per_step=8 * cfg.scale,
+                                      resume=resume, overwrite=not resume, device=cfg.device, dtype=cfg.dtype))
     return todo
 
 
@@ -525,12 +569,32 @@ def run_in_processes(configs: list, run_dir: Path, jobs: int) -> None:
 
 
 def reproduce(cfg: Config) -> None:
-    """Stage 1 once, then every (method, seed) run of stage 5 from the same SFT checkpoint: one after the
-    other in this process with --jobs 1, else in worker processes (run_in_processes)."""
+    """The paper's recipe, end to end, every step kept once done: stage 1 (data, the SFT policy, the CRM of
+    its rollouts: runs/<run>/crm); the GRPO runs, which save their rollouts; the CRM trained on those
+    (stage 1 --crm-rollouts: runs/<run>/crm_rl); then every other (method, seed) run from the same SFT
+    checkpoint. Stage-5 runs go one after the other in this process with --jobs 1, else in worker processes
+    (run_in_processes)."""
     run_dir = Path(cfg.runs_dir) / cfg.run
     if not (run_dir / "stage1.json").exists():
         stage1.main(stage1.Config(run=cfg.run, runs_dir=cfg.runs_dir, device=cfg.device, dtype=cfg.dtype))
-    todo, jobs = pending_runs(cfg, run_dir), worker_count(cfg.jobs, cfg.device)
+    methods = cfg.methods.split(",")
+    train(pending_runs(cfg, run_dir, [m for m in methods if METHODS[m]["crm"] == "crm"]), run_dir, cfg)
+    if any(METHODS[m]["crm"] == "crm_rl" for m in methods) and not (run_dir / "crm_rl").is_dir():
+        if "grpo" not in methods:
+            raise SystemExit(f"--methods {cfg.methods}: the CRM of the paper's recipe (runs/{cfg.run}/crm_rl) "
+                             f"trains on the GRPO runs' rollouts: add grpo.")
+        # the SFT-rollout CRM's own settings (steps, learning rate, backbone): the two differ in their data only
+        same = {k: v for k, v in stage1.read_stage1(run_dir)["config"].items()
+                if k in ("seed", "crm", "crm_steps", "crm_batch_size", "crm_lr", "crm_max_length", "warmup_steps")}
+        rollouts = [str(run_dir / f"grpo_seed{s.strip()}" / "rollouts.jsonl") for s in cfg.seeds.split(",")]
+        stage1.main(stage1.Config(run=cfg.run, runs_dir=cfg.runs_dir, crm_rollouts=",".join(rollouts),
+                                  device=cfg.device, dtype=cfg.dtype, **same))
+    train(pending_runs(cfg, run_dir, [m for m in methods if METHODS[m]["crm"] != "crm"]), run_dir, cfg)
+
+
+def train(todo: list, run_dir: Path, cfg: Config) -> None:
+    """Stage-5 runs: in this process one after the other (--jobs 1), else in worker processes."""
+    jobs = worker_count(cfg.jobs, cfg.device)
     if jobs > 1 and todo:
         run_in_processes(todo, run_dir, jobs)
         return
@@ -563,7 +627,7 @@ def main(cfg: Config) -> dict:
         checkpoints = {"sft": str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))}
         checkpoints |= {p.parent.name: str(p) for p in sorted(run_dir.glob("*/policy"))}
     dtype = stage1.compute_dtype(cfg.device, cfg.dtype)  # nothing trains here: every model is stored in it
-    crm_path = str(stage1.require(run_dir / "crm", "python 01_sft_rm.py"))
+    crm_path = cfg.crm or str(stage1.default_crm(run_dir))
     crm, crm_tokenizer = stage1.load_crm(crm_path, cfg.device, dtype)
     crm.eval()
 
@@ -596,7 +660,14 @@ def main(cfg: Config) -> dict:
         complete = all(m["benchmark"]["complete"] for m in per_checkpoint.values())
         missing = "" if complete else "; a source absent from these prompts: the mean of the parts present"
         header += f"accuracy = CV-Bench's official score, 1/2 x ((ADE20K + COCO) / 2 + Omni3D){missing}.\n\n"
+    header += f"IR (CRM) by {crm_path}; ir_gap = IR (CRM) - IR (oracle).\n\n" if embedded else ""
     header += "".join(f"Skipped {name}: {why}.\n\n" for name, why in skipped.items())
+    fooled = {name: m["ir_gap"] for name, m in per_checkpoint.items()
+              if m["ir_gap"] is not None and abs(m["ir_gap"]) > GAP_FLAG}
+    if fooled:  # the drift monitor's verdict on the finished policies
+        header += ("CRM and oracle IR differ by more than 5 points on " + ", ".join(
+            f"{name} ({100 * gap:+.1f})" for name, gap in fooled.items()) + ": there the CRM does not read the "
+            "policy's text as the oracle does (a negative gap: the policy fools it). Read examples.md.\n\n")
     out = f"eval_{cfg.benchmark}" if cfg.benchmark else "eval"  # a benchmark's table beside the test split's
     stage1.write_json_atomic(run_dir / f"{out}.json", {"config": dataclasses.asdict(cfg),
                                                        "checkpoints": per_checkpoint, "skipped": skipped})

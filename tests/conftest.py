@@ -90,7 +90,7 @@ def policy(request, tiny_policy, tiny_qwen25):
 
 def copy_of_tiny_run(tiny_run, runs_dir: Path) -> Path:
     """A copy of the tiny stage-1 run as runs_dir/tiny, so the runs a test makes touch no other test's folder."""
-    for name in ("data", "policy_sft", "crm"):
+    for name in ("data", "policy_sft", "crm", "crm_init"):
         shutil.copytree(tiny_run["dir"] / name, runs_dir / "tiny" / name)
     shutil.copy(tiny_run["dir"] / "stage1.json", runs_dir / "tiny" / "stage1.json")
     return runs_dir / "tiny"

@@ -28,7 +28,7 @@ def run_copy(tiny_run, tmp_path_factory):
 STAGE5_FLAGS = [
     ({"max_new_tokens": 0}, "--max-new-tokens 0: must be at least 1"),
     ({"checkpoint_every": 0}, "--checkpoint-every 0: must be at least 1"),
-    ({"sample_every": 0}, "--sample-every 0: must be at least 1"),
+    ({"save_rollouts_every": -1}, "--save-rollouts-every -1: must be at least 0"),
     ({"updates_per_batch": 0}, "--updates-per-batch 0: must be at least 1"),
     ({"steps": 0}, "--steps 0: must be at least 1"),
     ({"micro_batch_size": 0}, "--micro-batch-size 0: must be at least 1"),
@@ -153,7 +153,7 @@ def test_a_non_finite_loss_stops_before_the_optimiser_steps(run_copy):
 # ----------------------------------------------------------------------------- stage 5 never erases or mixes runs
 def small(run_copy, **overrides):
     base = dict(run="tiny", runs_dir=str(run_copy.parent), name="guarded", steps=2, prompts_per_step=2, group_size=3,
-                max_new_tokens=16, checkpoint_every=1, sample_every=100, device="cpu")
+                max_new_tokens=16, checkpoint_every=1, save_rollouts_every=100, device="cpu")
     return stage5.Config(**{**base, **overrides})
 
 

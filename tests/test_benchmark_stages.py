@@ -108,7 +108,7 @@ def test_stage1_loads_a_benchmark_by_name_and_stage5_rewards_with_its_comparator
 
     monkeypatch.setattr(stage3, "score_completions", spy)
     stage5.main(stage5.Config(run="tiny", runs_dir=str(run_copy.parent), name="bench", steps=1, prompts_per_step=2,
-                              group_size=2, max_new_tokens=8, checkpoint_every=1, sample_every=1, device="cpu"))
+                              group_size=2, max_new_tokens=8, checkpoint_every=1, save_rollouts_every=1, device="cpu"))
     (questions, (benchmark, rows)), = calls
     assert benchmark == "cvbench" and len(rows) == 4
     by_question = {r["question"]: r for r in data["train"].remove_columns("image")}

@@ -27,9 +27,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # one step; micro-batches of 4 rows split one process's 12 rows 4+4+4 and each rank's 6 rows 4+2, so the test also
 # checks that micro-batches on two ranks add up to the global token mean; kl_beta > 0 runs the reference too
 EQUIVALENCE = dict(run="tiny", steps=1, prompts_per_step=4, group_size=3, max_new_tokens=24, micro_batch_size=4,
-                   lr=1e-3, kl_beta=0.05, checkpoint_every=1, sample_every=1, device="cpu")
+                   lr=1e-3, kl_beta=0.05, checkpoint_every=1, save_rollouts_every=1, device="cpu")
 RESUME = dict(run="tiny", steps=3, prompts_per_step=4, group_size=3, max_new_tokens=24, lr=1e-3, checkpoint_every=2,
-              sample_every=100, parallel="fsdp", device="cpu")
+              save_rollouts_every=100, parallel="fsdp", device="cpu")
 
 
 def per_prompt_sampler(fast, device):

@@ -85,7 +85,7 @@ def test_visual_features_once_per_prompt_give_the_same_logprobs(policy):
 
 def lora_config(tiny_run, **overrides):
     base = dict(run="tiny", runs_dir=str(tiny_run["dir"].parent), name="lora", steps=2, prompts_per_step=2,
-                group_size=3, max_new_tokens=24, checkpoint_every=1, sample_every=100, lr=5e-3, kl_beta=0.1,
+                group_size=3, max_new_tokens=24, checkpoint_every=1, save_rollouts_every=100, lr=5e-3, kl_beta=0.1,
                 lora_rank=4, lora_alpha=8.0, device="cpu")
     return stage5.Config(**{**base, **overrides})
 

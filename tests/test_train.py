@@ -50,7 +50,7 @@ def test_prompt_rows_regathers_pixel_patches(tiny_policy):
 
 def small_train_config(tiny_run, **overrides):
     base = dict(run="tiny", runs_dir=str(tiny_run["dir"].parent), steps=4, prompts_per_step=2, group_size=3,
-                max_new_tokens=40, checkpoint_every=2, sample_every=2, lr=1e-3, kl_beta=0.05, device="cpu")
+                max_new_tokens=40, checkpoint_every=2, save_rollouts_every=2, lr=1e-3, kl_beta=0.05, device="cpu")
     return stage5.Config(**{**base, **overrides})
 
 
@@ -95,7 +95,7 @@ def test_grpo_improves_the_reward_on_a_trivially_learnable_case(tiny_run, tmp_pa
     data = load_from_disk(str(tiny_run["dir"] / "data")).filter(lambda row: row["family"] == "bars")
     data.map(lambda row: {"answer": "A"}).save_to_disk(str(run / "data"))
     cfg = stage5.Config(run="always_a", runs_dir=str(run.parent), advantage="grpo", steps=24, prompts_per_step=4,
-                        group_size=6, max_new_tokens=40, lr=1e-3, checkpoint_every=100, sample_every=100, device="cpu")
+                        group_size=6, max_new_tokens=40, lr=1e-3, checkpoint_every=100, save_rollouts_every=100, device="cpu")
     stage5.main(cfg)
     rows = stage1.read_jsonl(run / "grpo_seed0" / "metrics.jsonl")
     first, last = [r["reward_accuracy"] for r in rows[:6]], [r["reward_accuracy"] for r in rows[-6:]]
