@@ -130,7 +130,7 @@ class Config:
     judge_url: str | None = None  # or an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1
     judge_model: str | None = None  # the model name to ask at --judge-url
     judge_api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the endpoint's key
-    crm_refresh_every: int = 0  # guard: every N steps the CRM trains on the rollouts judged since; 0 = off
+    crm_refresh: bool = False  # guard: when the CRM and the judge disagree past --drift-warn, retrain the CRM
     crm_refresh_steps: int = 20  # the guard's CRM optimiser steps per refresh (batches of 64 judged rollouts)
     crm_refresh_lr: float = 1e-4  # their peak learning rate
     resume: bool = False  # continue from runs/<run>/<name>/checkpoint
@@ -149,8 +149,7 @@ def check_config(cfg: Config) -> None:
                 "--micro-batch-size": (cfg.micro_batch_size, 1), "--logprob-chunk": (cfg.logprob_chunk, 1),
                 "--checkpoint-every": (cfg.checkpoint_every, 1),
                 "--save-rollouts-every": (cfg.save_rollouts_every, 0), "--audit-every": (cfg.audit_every, 0),
-                "--audit-rows": (cfg.audit_rows, 1), "--crm-refresh-every": (cfg.crm_refresh_every, 0),
-                "--crm-refresh-steps": (cfg.crm_refresh_steps, 1),
+                "--audit-rows": (cfg.audit_rows, 1), "--crm-refresh-steps": (cfg.crm_refresh_steps, 1),
                 "--stop-after": (cfg.stop_after, 0), "--lora-rank": (cfg.lora_rank, 0),
                 "--beta-warmup-steps": (cfg.beta_warmup_steps, 0)}
     for flag, (value, low) in at_least.items():
@@ -582,8 +581,8 @@ def save_checkpoint(out_dir: Path, model, processor, optimizer, scheduler, step:
     """Write checkpoint.tmp/, then swap it in: a kill at any moment leaves one complete checkpoint.
     torchrun: every rank calls it (fsdp gathers the weights and AdamW states; each rank's sampler state is
     gathered); rank 0 writes; the others wait for it, so no rank reads a half-written checkpoint.
-    guard (--crm-refresh-every): {"crm", "tokenizer", "rows"}: the refreshed CRM goes to checkpoint/crm/, the
-    rollouts judged since its last refresh into trainer_state.pt."""
+    guard (--crm-refresh): {"crm", "tokenizer", "judged", "new_from"}: the refreshed CRM goes to checkpoint/crm/,
+    the run's judged rollouts (and where those since the last refresh start) into trainer_state.pt."""
     mode, rank = run_config["parallel"], dist.get_rank() if dist.is_initialized() else 0
     weights = whole_weights(model, mode)
     if mode == "fsdp":
@@ -606,7 +605,7 @@ def save_checkpoint(out_dir: Path, model, processor, optimizer, scheduler, step:
         if guard:
             guard["crm"].save_pretrained(tmp / "crm")
             guard["tokenizer"].save_pretrained(tmp / "crm")
-            state["crm_refresh_rows"] = guard["rows"]
+            state["guard"] = {"judged": guard["judged"], "new_from": guard["new_from"]}
         torch.save(state, tmp / "trainer_state.pt")
         stage1.write_json_atomic(tmp / "run_config.json", run_config)  # what a --resume must match
         shutil.rmtree(old, ignore_errors=True)
@@ -727,6 +726,19 @@ def drift_alarm(disagreements: list[float], threshold: float, window: int = 10) 
     return now > threshold >= before
 
 
+def judge_step(cfg: Config, judge, scores: list[dict], texts: list[str], questions: list[str], step: int,
+               rank: int) -> list[bool | None]:
+    """The judge's verdict on each rollout of the step (True consistent, False inconsistent, None not judged):
+    with an audit, the judge's on --audit-rows of them every --audit-every steps (drawn by a seed of the run,
+    rank and step, so a resumed run asks the same); without, the rule oracle's on every one (embedded tasks;
+    None on real data)."""
+    if judge is None:
+        return [s["oracle_consistent"] for s in scores]
+    if (step + 1) % cfg.audit_every:
+        return [None] * len(scores)
+    return audit(judge, texts, questions, cfg.audit_rows, random.Random(f"{cfg.seed}-{rank}-{step}"))
+
+
 def audit(judge, texts: list[str], questions: list[str], n_rows: int, rng: random.Random) -> list[bool | None]:
     """The judge's verdicts on n_rows of the step's rollouts drawn at random among those with a thinking and an
     answer (True consistent, False inconsistent, None not asked or no verdict): what the drift monitor reads
@@ -745,25 +757,32 @@ def audit(judge, texts: list[str], questions: list[str], n_rows: int, rng: rando
     return verdicts
 
 
-def judged_rows(texts: list[str], questions: list[str], verdicts: list[bool | None]) -> list[dict]:
-    """The judged rollouts as CRM training rows {question, thinking, answer, label}."""
+def judged_rows(texts: list[str], questions: list[str], verdicts: list[bool | None],
+                crm_probs: list[float]) -> list[dict]:
+    """The judged rollouts with a thinking and an answer as CRM training rows {question, thinking, answer,
+    label}, each with the CRM's P(consistent) of this step."""
     rows = []
-    for text, question, verdict in zip(texts, questions, verdicts):
+    for text, question, verdict, p in zip(texts, questions, verdicts, crm_probs):
         think, answer = stage1.parse_completion(text)
         if verdict is not None and think is not None and answer is not None:
-            rows.append({"question": question, "thinking": think, "answer": answer, "label": int(verdict)})
+            rows.append({"question": question, "thinking": think, "answer": answer, "label": int(verdict),
+                         "crm_prob": p})
     return rows
 
 
-def refresh_crm(cfg: Config, crm, tokenizer, rows: list[dict], step: int) -> float:
-    """The guard (one step past the paper, which keeps its CRM frozen): --crm-refresh-steps supervised steps
-    of the CRM on the rollouts judged since the last refresh (stage 1's train_crm), so the text the policy
-    drifts into is text the CRM has read, with the judge's verdict. Returns the mean loss."""
+def refresh_crm(cfg: Config, crm, tokenizer, new: list[dict], old: list[dict], step: int) -> float:
+    """The guard (one step past the paper, which keeps its CRM frozen): --crm-refresh-steps supervised steps of
+    the CRM (stage 1's train_crm) on the rollouts judged since its last refresh, `new`, where the policy's text
+    fooled it, and on the run's earlier judged rollouts, `old`, about as often in all (new repeated), so that it
+    learns the new text without forgetting the text it already read. Returns the mean loss.
+
+    Example: 64 new rows and 640 old ones -> 10 x 64 + 640 = 1,280 rows, half of them new.
+    """
     settings = stage1.Config(crm_steps=cfg.crm_refresh_steps, crm_lr=cfg.crm_refresh_lr, crm_batch_size=64,
                              warmup_steps=0, seed=cfg.seed * 100_003 + step, device=cfg.device, dtype=cfg.dtype,
                              crm_max_length=stage1.crm_max_length(tokenizer))
     crm.requires_grad_(True)
-    losses = stage1.train_crm(settings, crm, tokenizer, rows)
+    losses = stage1.train_crm(settings, crm, tokenizer, new * max(1, round(len(old) / max(1, len(new)))) + old)
     crm.requires_grad_(False).eval()
     return sum(losses) / len(losses)
 
@@ -798,10 +817,10 @@ def main(cfg: Config) -> dict:
     run_config = {**dataclasses.asdict(cfg), "parallel": mode, "world_size": world}
     # refuses to mix or erase runs, before any model loads
     checkpoint = check_run_folder(cfg, out_dir, run_config)
-    if cfg.crm_refresh_every and not embedded and not cfg.audit_every:
-        raise SystemExit(f"--crm-refresh-every {cfg.crm_refresh_every}: the guard trains the CRM on judged "
-                         f"rollouts, and real data has no oracle: add an audit (--audit-every N with --judge or "
-                         f"--judge-url), whose verdicts it trains on.")
+    if cfg.crm_refresh and not embedded and not cfg.audit_every:
+        raise SystemExit("--crm-refresh: the guard trains the CRM on judged rollouts, and real data has no "
+                         "oracle: add an audit (--audit-every N with --judge or --judge-url), whose verdicts it "
+                         "trains on.")
     if cfg.audit_every:
         stage1.check_judge(cfg, run_dir)  # the judge answers before any model loads
     if world > 1:
@@ -834,9 +853,9 @@ def main(cfg: Config) -> dict:
         reference = parallelize(mode, reference, cfg.device, dtype, trains=False)
     model = parallelize(mode, model, cfg.device, dtype)  # torchrun: DDP or FSDP2 (a no-op alone)
     # the guard trains the CRM: fp32 weights, restored from the checkpoint on a resume
-    refreshed = checkpoint / "crm" if checkpoint and cfg.crm_refresh_every else None
+    refreshed = checkpoint / "crm" if checkpoint and cfg.crm_refresh else None
     crm, crm_tokenizer = stage1.load_crm(str(refreshed or cfg.crm), cfg.device,
-                                         dtype=torch.float32 if cfg.crm_refresh_every else dtype)
+                                         dtype=torch.float32 if cfg.crm_refresh else dtype)
     if rank == 0:
         print(f"consistency reward model: {refreshed or cfg.crm}")
     judge = None
@@ -844,7 +863,7 @@ def main(cfg: Config) -> dict:
         cache = out_dir / ("judge_cache.jsonl" if world == 1 else f"judge_cache_rank{rank}.jsonl")
         out_dir.mkdir(parents=True, exist_ok=True)
         judge = stage1.make_judge(cfg, cache)
-    refresh_rows: list[dict] = []  # the guard's data: rollouts judged since the CRM's last refresh
+    judged_so_far, new_from = [], 0  # the guard's data: the run's judged rollouts; [new_from:] since a refresh
     crm.eval().requires_grad_(False)
     reward_cfg = stage3.Config(lambda_cons=cfg.lambda_cons, format_weight=cfg.format_weight,
                                device=cfg.device)
@@ -880,7 +899,7 @@ def main(cfg: Config) -> dict:
         generator.set_state(mine["generator"])
         torch.set_rng_state(mine["torch_rng"])
         start_step = state["step"]
-        refresh_rows = state.get("crm_refresh_rows", [])
+        judged_so_far, new_from = state.get("guard", {}).get("judged", []), state.get("guard", {}).get("new_from", 0)
         if rank == 0:
             print(f"resumed from {checkpoint} at step {start_step}")
     metrics_path, rollouts_path = out_dir / "metrics.jsonl", out_dir / "rollouts.jsonl"
@@ -922,6 +941,24 @@ def main(cfg: Config) -> dict:
         gold = stage3.comparator_rows(train, rows, cfg.group_size) if benchmark else None
         scores = stage3.score_completions(texts, group_questions, truths, crm, crm_tokenizer, reward_cfg,
                                           embedded, benchmark, gold)
+        # 3b. the drift monitor: the CRM against a judge (embedded: the rule oracle, on every rollout; with an
+        # audit: the judge's verdicts on --audit-rows rollouts every --audit-every steps)
+        judged = judge_step(cfg, judge, scores, texts, group_questions, step, rank)
+        drifted = drift([s["crm_prob"] for s in scores], judged)
+        # 3c. the guard (off by default): when the CRM and the judge disagree on more than --drift-warn of the
+        # step's judged rollouts, the CRM trains on them (and on the run's earlier ones, so that it keeps reading
+        # those) and scores the step again, before its rewards train the policy
+        refresh_loss = None
+        if cfg.crm_refresh:
+            step_rows = gather_records(judged_rows(texts, group_questions, judged, [s["crm_prob"] for s in scores]))
+            judged_so_far += step_rows  # every rank's
+            on_all_ranks = drift([r["crm_prob"] for r in step_rows], [bool(r["label"]) for r in step_rows])
+            if (on_all_ranks["crm_judge_disagreement"] or 0.0) > cfg.drift_warn:
+                refresh_loss = refresh_crm(cfg, crm, crm_tokenizer, judged_so_far[new_from:],
+                                           judged_so_far[:new_from], step + 1)
+                new_from = len(judged_so_far)
+                scores = stage3.score_completions(texts, group_questions, truths, crm, crm_tokenizer, reward_cfg,
+                                                  embedded, benchmark, gold)  # the refreshed CRM's rewards
         task = torch.tensor([s["task"] for s in scores], device=cfg.device)  # (N,)
         consistency = torch.tensor([s["consistency"] for s in scores], device=cfg.device)  # (N,)
         # 4. advantages (a group never crosses ranks: nothing to communicate)
@@ -934,24 +971,10 @@ def main(cfg: Config) -> dict:
         losses = update(cfg, model, reference, optimizer, scheduler, prompt, ids, mask, old_logprobs,
                         advantages, step + 1)
 
-        # 6. the drift monitor: the CRM against a judge (embedded: the rule oracle, on every rollout; with an
-        # audit: the judge's verdicts on --audit-rows rollouts every --audit-every steps)
         crm_probs = [s["crm_prob"] for s in scores]  # P(consistent) itself, whatever lambda_cons
-        judged = [s["oracle_consistent"] for s in scores]
-        if judge is not None:
-            audited = (step + 1) % cfg.audit_every == 0
-            judged = (audit(judge, texts, group_questions, cfg.audit_rows,
-                            random.Random(f"{cfg.seed}-{rank}-{step}")) if audited else [None] * len(scores))
-        # 7. the guard (off by default): the CRM trains on the rollouts judged since its last refresh
-        refresh_loss = None
-        if cfg.crm_refresh_every:
-            refresh_rows += gather_records(judged_rows(texts, group_questions, judged))  # the same on every rank
-            if (step + 1) % cfg.crm_refresh_every == 0 and refresh_rows:
-                refresh_loss = refresh_crm(cfg, crm, crm_tokenizer, refresh_rows, step + 1)
-                refresh_rows = []
         row = {"step": step + 1, **step_metrics(scores, crm_probs, mask.sum(1), truncated, task, advantages,
                                                  cfg.group_size, old_logprobs, mask),
-               **drift(crm_probs, judged), **losses, "crm_refresh_loss": refresh_loss, "beta_t": beta_t,
+               **drifted, **losses, "crm_refresh_loss": refresh_loss, "beta_t": beta_t,
                "lr": lr, "seconds": round(time.time() - started, 2)}
         row = mean_over_ranks(row, cfg.device)  # torchrun: one line for all ranks
         if cfg.save_rollouts_every and (step + 1) % cfg.save_rollouts_every == 0:  # the CRM's future data
@@ -970,10 +993,11 @@ def main(cfg: Config) -> dict:
                     tqdm.write(f"warning: step {step + 1}: the CRM and the judge disagree on "
                                f"{sum(disagreements[-10:]) / 10:.0%} of the rollouts of the last 10 judged "
                                f"steps, above --drift-warn {cfg.drift_warn}; the policy may be fooling the CRM "
-                               f"(read {rollouts_path}; the guard: --crm-refresh-every).")
+                               f"(read {rollouts_path}; the guard: --crm-refresh).")
         steps_this_run += 1
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            guard = {"crm": crm, "tokenizer": crm_tokenizer, "rows": refresh_rows} if cfg.crm_refresh_every else None
+            guard = ({"crm": crm, "tokenizer": crm_tokenizer, "judged": judged_so_far, "new_from": new_from}
+                     if cfg.crm_refresh else None)
             save_checkpoint(out_dir, model, processor, optimizer, scheduler, step + 1,
                             {"prompt_rng": prompt_rng.getstate(), "generator": generator.get_state(),
                              "torch_rng": torch.get_rng_state()}, run_config, guard)
@@ -987,7 +1011,7 @@ def main(cfg: Config) -> dict:
         dist.barrier()  # torchrun: return once rank 0 has written the policy
         return {}
     stage1.save_folder_atomic(out_dir / "policy", saveable(model, weights), processor)
-    if cfg.crm_refresh_every:  # the guard's CRM as it ended
+    if cfg.crm_refresh:  # the guard's CRM as it ended
         stage1.save_folder_atomic(out_dir / "crm", crm, crm_tokenizer)
     history = stage1.read_jsonl(metrics_path)
     last = history[-10:]

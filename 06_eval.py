@@ -474,7 +474,7 @@ METHODS = {
     "hras": {"advantage": "hras", "crm": "crm_rl"},  # CORA with the CRM of the GRPO runs' rollouts
     "sum": {"advantage": "sum", "crm": "crm_rl"},  # without HRAS: the rewards summed, then normalised
     "hras-sftcrm": {"advantage": "hras", "crm": "crm"},  # ablation: CORA with the CRM of SFT rollouts
-    "hras-guard": {"advantage": "hras", "crm": "crm_rl", "crm_refresh_every": 10},  # + the guard (05)
+    "hras-guard": {"advantage": "hras", "crm": "crm_rl", "crm_refresh": True},  # + the guard (05)
 }
 
 

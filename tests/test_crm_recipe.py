@@ -134,24 +134,25 @@ def test_audit_feeds_the_drift_monitor_and_the_guard_and_both_resume_exactly(grp
     from test_judge import JudgeServer, chat
 
     server = JudgeServer()
-    server.respond = lambda payload, attempt: (200, chat("inconsistent"), 0.0)  # the judge rejects everything
+    server.respond = lambda payload, attempt: (200, chat("consistent"), 0.0)  # the judge accepts everything
     try:
         base = dict(run="tiny", runs_dir=str(grpo_run.parent), advantage="hras", steps=4, prompts_per_step=2,
                     group_size=4, max_new_tokens=40, checkpoint_every=2, audit_every=2, audit_rows=3,
-                    judge_url=server.url, judge_model="judge", crm_refresh_every=2, crm_refresh_steps=3,
-                    crm=str(grpo_run / "crm"), device="cpu")
+                    judge_url=server.url, judge_model="judge", crm_refresh=True, drift_warn=0.0,
+                    crm_refresh_steps=3, crm=str(grpo_run / "crm"), device="cpu")
         stage5.main(stage5.Config(name="guard", **base))
         stage5.main(stage5.Config(name="guard_killed", stop_after=3, **base))  # checkpoint at step 2
         stage5.main(stage5.Config(name="guard_killed", resume=True, **base))
     finally:
         server.close()
     rows = stage1.read_jsonl(grpo_run / "guard" / "metrics.jsonl")
-    # audits at steps 2 and 4 only; the judge says "inconsistent", so every disagreement is a CRM accept
+    # audits at steps 2 and 4 only; the judge says "consistent", so the CRM never accepts what it rejects
     assert [r["crm_judge_disagreement"] is None for r in rows] == [True, False, True, False]
-    for r in rows[1::2]:
-        assert r["crm_judge_disagreement"] == r["crm_accepts_inconsistent"]
-        assert r["crm_refresh_loss"] is not None  # the guard trained on the audited rollouts
-    assert [r["crm_refresh_loss"] is None for r in rows[::2]] == [True, True]
+    assert [r["crm_accepts_inconsistent"] for r in rows[1::2]] == [0.0, 0.0]
+    # the guard retrains the CRM where the audit found it disagreeing (past --drift-warn 0), and only there
+    assert [r["crm_refresh_loss"] is not None for r in rows] == [False, rows[1]["crm_judge_disagreement"] > 0,
+                                                                 False, rows[3]["crm_judge_disagreement"] > 0]
+    assert any(r["crm_refresh_loss"] is not None for r in rows)  # the tiny CRM doubts some: it refreshed
     asked = {req["payload"]["messages"][0]["content"] for req in server.requests}
     assert 1 < len(asked) <= 1 + 2 * 3 * 3  # the check's question, then at most 3 rollouts an audit (3 runs)
     assert (grpo_run / "guard" / "judge_cache.jsonl").is_file()
@@ -174,9 +175,10 @@ def test_the_guard_turns_a_fooled_crm_and_with_it_the_advantages(grpo_run):
                "answer": "3"}]
     assert not any(stage1.oracle_consistent(r["thinking"], r["answer"]) for r in fooling)
     crm, tokenizer = stage1.load_crm(str(grpo_run / "crm"), "cpu")
-    labelled = [{**r, "label": 0} for r in fooling] * 8 + [{**r, "label": 1} for r in honest] * 8
+    new = [{**r, "label": 0} for r in fooling] * 8  # what the judge rejected and the CRM accepted
+    old = [{**r, "label": 1} for r in honest] * 8  # what the run's judge accepted before
     cfg = stage5.Config(crm_refresh_steps=30, crm_refresh_lr=1e-3, device="cpu")
-    stage5.refresh_crm(cfg, crm, tokenizer, labelled, step=10)
+    stage5.refresh_crm(cfg, crm, tokenizer, new, old, step=10)
     after = stage1.crm_scores(crm, tokenizer, fooling[:3] + honest, "cpu")
     assert max(after[:3]) < 0.5 < after[3]  # the refreshed CRM rejects the lists and keeps the count
 
