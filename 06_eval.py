@@ -199,9 +199,9 @@ def crm_against_oracle(records: list[dict]) -> dict:
       ir_gap                   IR (CRM) - IR (oracle): negative when the CRM calls consistent what the oracle
                                does not (the policy fooling it), positive when it is the stricter one
       crm_agreement            the share of completions on which the two agree
-      crm_catches_steps_only   the share of the completions whose steps alone fail (their answer is their
-                               conclusion: the kind only a CRM that reads the steps can catch) that the CRM
-                               flags, P(consistent) < 0.5 (None when there are none)
+      steps_only               how many completions fail the steps link alone (their answer is their
+                               conclusion: the kind only a CRM that reads the steps can catch)
+      crm_catches_steps_only   the share of those that the CRM flags, P(consistent) < 0.5 (None when none)
 
     Example: (oracle_steps, oracle_answer, crm_prob) = (True, True, 0.9), (False, True, 0.8),
              (False, True, 0.3), (True, False, 0.1) -> IR oracle 3/4, IR CRM 2/4 (0.3, 0.1): ir_gap -0.25;
@@ -209,12 +209,13 @@ def crm_against_oracle(records: list[dict]) -> dict:
              crm_catches_steps_only 0.5.
     """
     if records[0]["oracle_steps"] is None:
-        return {"ir_gap": None, "crm_agreement": None, "crm_catches_steps_only": None}
+        return {"ir_gap": None, "crm_agreement": None, "steps_only": None, "crm_catches_steps_only": None}
     n = len(records)
     oracle = [r["oracle_steps"] and r["oracle_answer"] for r in records]
     crm = [r["crm_prob"] >= 0.5 for r in records]
     steps_only = [r["crm_prob"] for r in records if not r["oracle_steps"] and r["oracle_answer"]]
     return {"ir_gap": (sum(oracle) - sum(crm)) / n, "crm_agreement": sum(map(bool.__eq__, oracle, crm)) / n,
+            "steps_only": len(steps_only),
             "crm_catches_steps_only": sum(p < 0.5 for p in steps_only) / len(steps_only) if steps_only else None}
 
 
@@ -475,6 +476,7 @@ METHODS = {
     "sum": {"advantage": "sum", "crm": "crm_rl"},  # without HRAS: the rewards summed, then normalised
     "hras-sftcrm": {"advantage": "hras", "crm": "crm"},  # ablation: CORA with the CRM of SFT rollouts
     "hras-guard": {"advantage": "hras", "crm": "crm_rl", "crm_refresh": True},  # + the guard (05)
+    "hras-ce05": {"advantage": "hras", "crm": "crm_rl", "cons_eps": 0.05},  # CRM float noise damped (04)
 }
 
 

@@ -123,10 +123,11 @@ def test_crm_against_oracle_on_hand_made_completions():
     # IR oracle: rows 2-4 fail a link = 3/4; IR CRM: P < 0.5 on rows 3, 4 = 2/4; gap 2/4 - 3/4 = -0.25.
     # They agree on rows 1, 3, 4 (row 2: CRM consistent, oracle not): 3/4.
     # Steps alone fail on rows 2 and 3; the CRM flags row 3 (0.3): 1 of 2 = 0.5
-    assert stage6.crm_against_oracle(records) == {"ir_gap": -0.25, "crm_agreement": 0.75,
+    assert stage6.crm_against_oracle(records) == {"ir_gap": -0.25, "crm_agreement": 0.75, "steps_only": 2,
                                                   "crm_catches_steps_only": 0.5}
     none = [{**r, "oracle_steps": None, "oracle_answer": None} for r in records]
-    assert stage6.crm_against_oracle(none) == {"ir_gap": None, "crm_agreement": None, "crm_catches_steps_only": None}
+    assert stage6.crm_against_oracle(none) == {"ir_gap": None, "crm_agreement": None, "steps_only": None,
+                                               "crm_catches_steps_only": None}
 
 
 # ----------------------------------------------------------------------------- the audit and the guard
