@@ -30,8 +30,9 @@ def cvbench_row(idx: int, source: str, answer: str) -> dict:
 
 
 def puzzle_row(idx: int, options: list[str], answer: str) -> dict:
-    return {"image": picture(idx), "question": f"What is the colour of the missing part {idx}?", "options": options,
-            "answer": answer, "caption": "c", "explanation": "e"}
+    """A PuzzleVQA row as the hub serves it: `options` is a Python list's repr held as a string."""
+    return {"image": picture(idx), "question": f"What is the colour of the missing part {idx}?",
+            "options": str(options), "answer": answer, "caption": "c", "explanation": "e", "deduction": "d"}
 
 
 def serve(monkeypatch, raw_rows: list[dict]) -> None:
@@ -158,13 +159,15 @@ def test_stage6_benchmark_reports_the_cvbench_official_aggregate(run_copy, monke
 def test_stage6_benchmark_scores_puzzle_letters_against_option_text(run_copy, monkeypatch):
     serve(monkeypatch, [puzzle_row(1, ["red", "blue", "green"], "green"), puzzle_row(2, ["small", "large"], "small"),
                         puzzle_row(3, ["yes", "no"], "no")])
-    scripted_rollouts(monkeypatch, {0: "(C)", 1: "(B)", 2: "no"}, [])  # green: right; large: wrong; no: right
+    # "(C)" = green: right; "(B)" = large: wrong; "no" holds no capital A-D: officially no answer (wrong, and
+    # counted unscorable; --second-round would ask the policy again)
+    scripted_rollouts(monkeypatch, {0: "(C)", 1: "(B)", 2: "no"}, [])
     results = stage6.main(stage6.Config(run="tiny", runs_dir=str(run_copy.parent), benchmark="puzzlevqa", n=3,
                                         samples=2, max_new_tokens=8, device="cpu",
                                         checkpoints=f"sft={run_copy / 'policy_sft'}"))
-    # 2 samples per prompt, each scripted alike: 4 of 6 right (plain mean, PuzzleVQA's official number)
-    assert results["sft"]["accuracy"] == pytest.approx(4 / 6) and results["sft"]["n"] == 6
-    assert "| sft | 1 | 66.7 |" in (run_copy / "eval_puzzlevqa.md").read_text()
+    # 2 samples per prompt, each scripted alike: 2 of 6 right (plain mean, PuzzleVQA's official number)
+    assert results["sft"]["accuracy"] == pytest.approx(2 / 6) and results["sft"]["n"] == 6
+    assert "| sft | 1 | 33.3 |" in (run_copy / "eval_puzzlevqa.md").read_text()
 
 
 def test_stage6_refuses_an_unknown_benchmark_before_reading_anything(tmp_path):
