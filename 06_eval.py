@@ -45,6 +45,8 @@ others are evaluated.
 
 --benchmark NAME evaluates every checkpoint on that benchmark's rows (the first --n of the split the
 paper reports, downloaded by `datasets`) instead of the run's test split; IR and CC/CW/IC/IW by the CRM.
+Its official rule is deterministic by default; --second-round (puzzles) and --extractor-url (MathVista)
+add the official pipelines' model calls (docs/benchmarks.md says which protocol each number follows).
 
 Reads:  runs/<run>/{data,crm,policy_sft}/, runs/<run>/<name>/{policy,metrics.jsonl} (stages 1 and 5).
 Writes: runs/<run>/eval.json, eval.md, curves.png, examples.md and examples/<row>.png
@@ -90,6 +92,9 @@ class Config:
     seed: int = 1234  # sampling seed, the same for every checkpoint
     benchmark: str | None = None  # a paper benchmark to evaluate on instead of the test split (e.g. cvbench)
     benchmark_split: str | None = None  # the benchmark's split; None = the one the paper reports
+    second_round: bool = False  # puzzles: ask the policy again when an answer names no option (official)
+    extractor_url: str = ""  # MathVista: OpenAI-compatible endpoint whose model extracts answers (official)
+    extractor_model: str = ""  # the model at --extractor-url (the official run used gpt-4-0613)
     examples: int = 6  # test prompts on the examples page (examples.md); 0 = no page
     # --reproduce
     reproduce: bool = False  # run stage 1, stage 5 for every method and seed, then evaluate all
@@ -126,6 +131,9 @@ def check_config(cfg: Config) -> dict[str, str]:
         if cfg.benchmark not in benchmarks.BENCHMARKS:
             raise SystemExit(f"--benchmark {cfg.benchmark}: unknown; use one of "
                              f"{', '.join(benchmarks.BENCHMARKS)}.")
+    if bool(cfg.extractor_url) != bool(cfg.extractor_model):
+        raise SystemExit("--extractor-url and --extractor-model go together "
+                         "(e.g. --extractor-url http://localhost:8000/v1 --extractor-model gpt-4o).")
     if cfg.reproduce:
         unknown = [m for m in cfg.methods.split(",") if m not in METHODS]
         if unknown:
@@ -250,6 +258,8 @@ def evaluate(model, processor, test, columns: dict, crm, crm_tokenizer, cfg: Con
     comparator = stage3.comparator_rows(test, indices) if benchmark else None
     scores = stage3.score_completions(texts, questions, truths, crm, crm_tokenizer, reward_cfg, embedded,
                                       benchmark, comparator)
+    if benchmark:  # each completion's official verdict (a second round or a model's extraction where asked)
+        official_verdicts(model, processor, test, columns, prompts, scores, comparator, benchmark, cfg)
     completions = [(p, j, c) for p in prompts for j, c in enumerate(p["completions"])]
     records = [{**s, "row": p["row"], "question": p["question"], "answer": p["answer"], "sample": j,
                 "text": c["text"], "length": c["length"]} for s, (p, j, c) in zip(scores, completions)]
@@ -259,10 +269,50 @@ def evaluate(model, processor, test, columns: dict, crm, crm_tokenizer, cfg: Con
     if benchmark:  # the number the benchmark reports (CV-Bench: not the plain mean over completions)
         from adapters import benchmarks
 
-        official = benchmarks.aggregate(benchmark, [{"correct": s["accuracy"] > 0, "source": r["source"]}
+        official = benchmarks.aggregate(benchmark, [{"correct": s["accuracy"] > 0, "source": r["source"],
+                                                     "unscorable": s["unscorable"]}
                                                     for s, r in zip(scores, comparator)])
         metrics |= {"accuracy": official["accuracy"], "benchmark": official}
     return metrics, records
+
+
+def official_verdicts(model, processor, test, columns: dict, prompts: list[dict], scores: list[dict],
+                      rows: list[dict], benchmark: str, cfg: Config) -> None:
+    """Each completion's official verdict into its score record (accuracy, task, unscorable), with the
+    official pipelines' model calls where asked (adapters/benchmarks.py holds their rules and prompts):
+    --second-round  puzzles: an answer naming no option gets the official second prompt, answered greedily
+                    by the same policy (after our format instruction, as every prompt); that reply is read
+    --extractor-url MathVista: where the official shortcuts do not apply, a model extracts the answer from
+                    the whole reply (the judge's client, adapters/judge.py; cached in extractions.jsonl)"""
+    from adapters import benchmarks
+
+    completions = [(p, c) for p in prompts for c in p["completions"]]
+    answers = [stage1.parse_completion(c["text"])[1] for _, c in completions]
+    extractions = [None] * len(completions)
+    if benchmark == "mathvista" and cfg.extractor_url:
+        from adapters.judge import UrlJudge
+
+        client = UrlJudge(cfg.extractor_url, cfg.extractor_model, max_tokens=64,
+                          cache_path=str(Path(cfg.runs_dir) / cfg.run / "extractions.jsonl"))
+        questions, texts = [p["question"] for p, _ in completions], [c["text"] for _, c in completions]
+        extractions = benchmarks.mathvista_model_extractions(client, questions, texts, answers, rows)
+    verdicts = [benchmarks.verdict(benchmark, a, r, e) for a, r, e in zip(answers, rows, extractions)]
+    again = [i for i, (a, r) in enumerate(zip(answers, rows))
+             if cfg.second_round and benchmarks.needs_second_round(benchmark, a, r)]
+    if again:
+        asked = [{"image": stage1.row_image(test, completions[i][0]["row"], columns["image"]), "answer": "",
+                  "question": benchmarks.second_round_prompt(completions[i][0]["question"],
+                                                             completions[i][1]["text"], rows[i]["options"])}
+                 for i in again]
+        greedy = stage2.Config(group_size=1, prompts_per_batch=cfg.prompts_per_batch, temperature=0.0,
+                               max_new_tokens=cfg.max_new_tokens, device=cfg.device, fast=cfg.fast)
+        replies = stage2.rollout_prompts(model, processor, asked, list(range(len(asked))),
+                                         dict(image="image", question="question", answer="answer"), greedy)
+        for i, reply in zip(again, replies):
+            verdicts[i] = benchmarks.second_round_verdict(reply["completions"][0]["text"], rows[i])
+    for s, v in zip(scores, verdicts):
+        s["accuracy"], s["unscorable"] = float(v == benchmarks.RIGHT), v == benchmarks.UNSCORABLE
+        s["task"] = s["accuracy"] + s["format"]
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -663,6 +713,9 @@ def main(cfg: Config) -> dict:
         missing = "" if complete else "; a source absent from these prompts: the mean of the parts present"
         header += f"accuracy = CV-Bench's official score, 1/2 x ((ADE20K + COCO) / 2 + Omni3D){missing}.\n\n"
     header += f"IR (CRM) by {crm_path}; ir_gap = IR (CRM) - IR (oracle).\n\n" if embedded else ""
+    if benchmark:  # replies no official rule could read: wrong, and counted (eval json: benchmark.unscorable)
+        counts = [f"{name} {m['benchmark']['unscorable']} of {m['n']}" for name, m in per_checkpoint.items()]
+        header += f"Unscorable (counted wrong): {', '.join(counts)}.\n\n"
     header += "".join(f"Skipped {name}: {why}.\n\n" for name, why in skipped.items())
     fooled = {name: m["ir_gap"] for name, m in per_checkpoint.items()
               if m["ir_gap"] is not None and abs(m["ir_gap"]) > GAP_FLAG}

@@ -1,6 +1,7 @@
 """The paper's benchmarks in the stages, offline (datasets.load_dataset replaced by fixture rows in each hub schema):
 stage 1 trains on one by name, the training reward scores with that benchmark's own comparator (stage 3, called by
 stage 5), and stage 6 --benchmark evaluates a run on its rows with its official aggregate."""
+import dataclasses
 import json
 import shutil
 
@@ -30,8 +31,9 @@ def cvbench_row(idx: int, source: str, answer: str) -> dict:
 
 
 def puzzle_row(idx: int, options: list[str], answer: str) -> dict:
-    return {"image": picture(idx), "question": f"What is the colour of the missing part {idx}?", "options": options,
-            "answer": answer, "caption": "c", "explanation": "e"}
+    """A PuzzleVQA row as the hub serves it: `options` is a Python list's repr held as a string."""
+    return {"image": picture(idx), "question": f"What is the colour of the missing part {idx}?",
+            "options": str(options), "answer": answer, "caption": "c", "explanation": "e", "deduction": "d"}
 
 
 def serve(monkeypatch, raw_rows: list[dict]) -> None:
@@ -158,13 +160,74 @@ def test_stage6_benchmark_reports_the_cvbench_official_aggregate(run_copy, monke
 def test_stage6_benchmark_scores_puzzle_letters_against_option_text(run_copy, monkeypatch):
     serve(monkeypatch, [puzzle_row(1, ["red", "blue", "green"], "green"), puzzle_row(2, ["small", "large"], "small"),
                         puzzle_row(3, ["yes", "no"], "no")])
-    scripted_rollouts(monkeypatch, {0: "(C)", 1: "(B)", 2: "no"}, [])  # green: right; large: wrong; no: right
+    # "(C)" = green: right; "(B)" = large: wrong; "no" holds no capital A-D: officially no answer (wrong, and
+    # counted unscorable; --second-round would ask the policy again)
+    scripted_rollouts(monkeypatch, {0: "(C)", 1: "(B)", 2: "no"}, [])
     results = stage6.main(stage6.Config(run="tiny", runs_dir=str(run_copy.parent), benchmark="puzzlevqa", n=3,
                                         samples=2, max_new_tokens=8, device="cpu",
                                         checkpoints=f"sft={run_copy / 'policy_sft'}"))
-    # 2 samples per prompt, each scripted alike: 4 of 6 right (plain mean, PuzzleVQA's official number)
-    assert results["sft"]["accuracy"] == pytest.approx(4 / 6) and results["sft"]["n"] == 6
-    assert "| sft | 1 | 66.7 |" in (run_copy / "eval_puzzlevqa.md").read_text()
+    # 2 samples per prompt, each scripted alike: 2 of 6 right (plain mean, PuzzleVQA's official number)
+    assert results["sft"]["accuracy"] == pytest.approx(2 / 6) and results["sft"]["n"] == 6
+    assert results["sft"]["benchmark"]["unscorable"] == 2
+    table = (run_copy / "eval_puzzlevqa.md").read_text()
+    assert "| sft | 1 | 33.3 |" in table and "Unscorable (counted wrong): sft 2 of 6." in table
+
+
+def test_stage6_second_round_asks_the_policy_again_with_the_official_prompt(run_copy, monkeypatch):
+    serve(monkeypatch, [puzzle_row(1, ["red", "blue", "green"], "green"), puzzle_row(2, ["yes", "no"], "no")])
+    rollout_prompts, asked = stage6.stage2.rollout_prompts, []
+
+    def scripted(model, processor, data, rows, columns, cfg, generator=None):
+        prompts = rollout_prompts(model, processor, data, rows, columns, cfg, generator)  # the policy samples
+        for p in prompts:
+            second = p["question"].endswith("the answer is:")
+            asked.append((p["question"], cfg.temperature, cfg.group_size)) if second else None
+            for c in p["completions"]:  # first round: no letter; second round: (C) for both rows
+                c["text"] = "(C)" if second else f"<think>x</think><answer>{['green', 'no'][p['row']]}</answer>"
+        return prompts
+
+    monkeypatch.setattr(stage6.stage2, "rollout_prompts", scripted)
+    results = stage6.main(stage6.Config(run="tiny", runs_dir=str(run_copy.parent), benchmark="puzzlevqa", n=2,
+                                        temperature=0.0, max_new_tokens=8, device="cpu", second_round=True,
+                                        checkpoints=f"sft={run_copy / 'policy_sft'}"))
+    # row 0: (C) = green, right; row 1 (yes / no): (C) is past the options -> option A = yes, wrong
+    assert results["sft"]["accuracy"] == pytest.approx(1 / 2) and results["sft"]["benchmark"]["unscorable"] == 0
+    assert [(t, g) for _, t, g in asked] == [(0.0, 1), (0.0, 1)]  # greedy, one reply each
+    first = "What is the colour of the missing part 1?\n(A) red\n(B) blue\n(C) green\nThe answer is the letter " \
+            "of the correct option."
+    assert asked[0][0] == (f"{first}\n<think>x</think><answer>green</answer>\n\n"
+                           "Therefore, among (A) (B) (C) (D), the answer is:")
+
+
+def test_stage6_mathvista_extractor_asks_a_model_where_the_official_run_does(run_copy, monkeypatch):
+    from adapters import judge
+
+    raw = {"question": "What is the total volume of the measuring cup?", "decoded_image": picture(2),
+           "choices": None, "answer": "1000", "precision": None, "question_type": "free_form",
+           "answer_type": "integer", "image": "images/2.jpg", "pid": "2", "unit": None, "query": "q"}
+    serve(monkeypatch, [raw, {**raw, "pid": "3", "decoded_image": picture(3)}])
+    scripted_rollouts(monkeypatch, {0: "1000", 1: "about a litre"}, [])
+    made = []
+
+    class FakeClient:  # stands in for judge.UrlJudge (an OpenAI-compatible endpoint)
+        def __init__(self, base_url, model, **kwargs):
+            made.append((base_url, model, kwargs))
+            self.prompts = []
+
+        def complete(self, prompts):
+            self.prompts += prompts
+            return ["1000" for _ in prompts]
+
+    monkeypatch.setattr(judge, "UrlJudge", FakeClient)
+    cfg = stage6.Config(run="tiny", runs_dir=str(run_copy.parent), benchmark="mathvista", n=2, temperature=0.0,
+                        max_new_tokens=8, device="cpu", checkpoints=f"sft={run_copy / 'policy_sft'}")
+    plain = stage6.main(cfg)  # our rules: "about a litre" holds no number, unscorable
+    assert plain["sft"]["accuracy"] == pytest.approx(1 / 2) and plain["sft"]["benchmark"]["unscorable"] == 1
+    official = stage6.main(dataclasses.replace(cfg, extractor_url="http://localhost:1/v1", extractor_model="m"))
+    assert official["sft"]["accuracy"] == pytest.approx(1.0) and made[0][:2] == ("http://localhost:1/v1", "m")
+    assert made[0][2]["cache_path"].endswith("extractions.jsonl")
+    with pytest.raises(SystemExit, match="--extractor-url and --extractor-model go together"):
+        stage6.main(dataclasses.replace(cfg, extractor_url="http://localhost:1/v1"))
 
 
 def test_stage6_refuses_an_unknown_benchmark_before_reading_anything(tmp_path):
