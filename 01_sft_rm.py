@@ -1476,19 +1476,30 @@ def judge_rows(cfg: Config, rows: list[dict], run_dir: Path) -> tuple[list[dict]
     verdicts are counted in the stats and dropped (adapters/judge.py)."""
     from adapters import judge as judges
 
+    if not rows:  # the judge was never asked: the policy's rollouts held nothing to parse
+        raise SystemExit(f"none of the SFT policy's rollouts (--crm-rollout-prompts {cfg.crm_rollout_prompts}"
+                         f" x --crm-rollout-samples {cfg.crm_rollout_samples}) has a <think>...</think>"
+                         f"<answer>...</answer> to judge within --max-new-tokens {cfg.max_new_tokens}. Raise "
+                         f"--max-new-tokens, or fine-tune the policy to that format first (--target-column, "
+                         f"without --skip-policy-sft).")
     if cfg.judge_url:
         judge = judges.UrlJudge(cfg.judge_url, cfg.judge_model, api_key_env=cfg.judge_api_key_env,
                                 cache_path=str(run_dir / "judge_cache.jsonl"))
     else:
         judge = judges.LocalJudge(cfg.judge, device=cfg.device, dtype=compute_dtype(cfg.device, cfg.dtype),
                                   batch_size=cfg.judge_batch_size)
-    return judges.label_rows(judge, rows)
+    labelled, stats = judges.label_rows(judge, rows)
+    if not labelled:  # else an embedded run reports an agreement on 0 rows, a real one a CRM with no data
+        raise SystemExit(f"the judge ({cfg.judge or cfg.judge_model}) gave no verdict for any of the "
+                         f"{len(rows)} SFT-policy rollouts: no reply held consistent or inconsistent "
+                         f"(adapters/judge.py, parse_verdict). Check what it replies to judge_prompt.")
+    return labelled, stats
 
 
 def check_judge(cfg: Config, run_dir: Path) -> None:
     """The judge tried before any SFT: a local judge's config and tokenizer load (the model itself loads after
-    SFT, when the GPU is free); an endpoint answers one request, so a wrong URL, model name or key fails
-    here."""
+    SFT, when the GPU is free); an endpoint answers one request with a verdict, so a wrong URL, model name or
+    key, or an endpoint that answers anything but a verdict (an HTML page), fails here."""
     if cfg.judge:
         from transformers import AutoConfig, AutoTokenizer
         try:
@@ -1501,11 +1512,22 @@ def check_judge(cfg: Config, run_dir: Path) -> None:
         try:
             judge = judges.UrlJudge(cfg.judge_url, cfg.judge_model, api_key_env=cfg.judge_api_key_env,
                                     max_retries=2, cache_path=str(run_dir / "judge_cache.jsonl"))
-            row = {"question": "How many?", "thinking": "1, 2. So the answer is 2.", "answer": "2"}
-            judge.complete([judges.judge_prompt(row)])
+            row = {"question": "How many red shapes are there?",
+                   "thinking": "I count the red shapes: 1, 2. So the answer is 2.", "answer": "2"}
+            prompt = judges.judge_prompt(row)
+            if judges.parse_verdict(judge.cache.get(judge.key(prompt))) is None:
+                judge.cache.pop(judge.key(prompt), None)  # a cached reply without a verdict is asked again
+            reply = judge.complete([prompt])[0]
         except Exception as error:
             raise SystemExit(f"--judge-url {cfg.judge_url} --judge-model {cfg.judge_model}: no usable reply "
                              f"({error}). Check the URL, the model name and ${cfg.judge_api_key_env}.")
+        if judges.parse_verdict(reply) is None:  # HTTP 200 is not enough: each row would be dropped, later
+            got = (f"{reply[:200]!r}, with no verdict (consistent or inconsistent) in it" if reply is not None
+                   else "a body that is not a chat completion (no choices[0].message.content: HTML?)")
+            raise SystemExit(f"--judge-url {cfg.judge_url} --judge-model {cfg.judge_model}: asked to judge "
+                             f"one row, it answered {got}. Check that the URL is the API's base (it ends in "
+                             f"/v1) and the model name, and that the model replies in words (a reasoning "
+                             f"model needs room to close its <think>).")
 
 
 # The entry point stays last: every name above exists by the time main() runs.
