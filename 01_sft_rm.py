@@ -75,6 +75,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 import typing
 from dataclasses import dataclass
@@ -1386,6 +1387,9 @@ def parse_config(config_class, description: str, argv=None):
             kinds = [t for t in typing.get_args(field.type) if t is not type(None)] or [field.type]
             parser.add_argument(flag, type={int: int, float: float}.get(kinds[0], str), default=field.default,
                                 help=f"{text} (default: %(default)s)")
+    # torchrun takes a flag after the script that abbreviates one of its own (--run: --run-path) and exits, so
+    # its users write `torchrun ... 05_grpo_train.py -- --run x`; a "--" that reaches the stage is dropped
+    argv = [arg for arg in (sys.argv[1:] if argv is None else argv) if arg != "--"]
     return config_class(**vars(parser.parse_args(argv)))
 
 

@@ -27,8 +27,8 @@ adapters on the language model; the reference is the same model with its adapter
 The update runs each prompt once per micro-batch, its G rows on copies of its keys and values
 (shared_prompt_logprobs: the same log-probs as one prompt per row, less work; not under checkpointing).
 
-Several GPUs: `torchrun --nproc-per-node N 05_grpo_train.py --parallel ddp|fsdp ...` runs this same loop on N
-ranks. Each step's P prompts are split over them, P/N each (whole groups, so rewards and HRAS need no
+Several GPUs: `torchrun --nproc-per-node N 05_grpo_train.py -- --parallel ddp|fsdp ...` runs this same loop on
+N ranks. Each step's P prompts are split over them, P/N each (whole groups, so rewards and HRAS need no
 communication); the loss divides by the token count of the global batch (one all-reduce), so N ranks compute
 the update one process computes from the same samples (a test checks it, for ddp and fsdp). ddp: every rank
 holds the whole model (DistributedDataParallel); fsdp: FSDP2 shards weights, gradients and AdamW states over
@@ -37,6 +37,7 @@ prompt order is the same everywhere. Rank 0 logs the metrics (averaged over rank
 from a gathered state dict: whole weights in the Hugging Face folder one process writes (stage 6 reads it),
 resumed on the same number of ranks. Not supported: LoRA with fsdp, the fast sampler with fsdp, a resume on
 another number of ranks.
+The "--" after the script ends torchrun's own options: without it torchrun reads --run as its --run-path.
 
 Reads:  runs/<run>/{data,policy_sft,crm}/ and stage1.json (01_sft_rm.py).
 Writes: runs/<run>/<name>/ with metrics.jsonl (one line per step), samples.jsonl (decoded
@@ -44,7 +45,7 @@ Writes: runs/<run>/<name>/ with metrics.jsonl (one line per step), samples.jsonl
         atomic; --resume continues from it), policy/ (the final weights), summary.json. A folder that holds
         a run is never replaced unless --overwrite says so.
 Run:    python 05_grpo_train.py --advantage hras      # CORA;   --advantage grpo | sum for the baselines
-        torchrun --nproc-per-node 8 05_grpo_train.py --parallel fsdp --prompts-per-step 64 ...   # 8 GPUs
+        torchrun --nproc-per-node 8 05_grpo_train.py -- --run default --parallel fsdp ...   # 8 GPUs
 """
 import atexit
 import contextlib
@@ -656,7 +657,7 @@ def main(cfg: Config) -> dict:
     mode = ("ddp" if cfg.parallel == "auto" else cfg.parallel) if "WORLD_SIZE" in os.environ else "none"
     if mode == "none" and cfg.parallel != "auto":
         raise SystemExit(f"--parallel {cfg.parallel}: launch with torchrun, e.g. "
-                         f"`torchrun --nproc-per-node 2 05_grpo_train.py --parallel {cfg.parallel} ...`; "
+                         f"`torchrun --nproc-per-node 2 05_grpo_train.py -- --parallel {cfg.parallel} ...`; "
                          f"alone, leave --parallel auto.")
     cfg = dataclasses.replace(cfg, device=device)
     run_dir = Path(cfg.runs_dir) / cfg.run

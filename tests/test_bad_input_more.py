@@ -62,3 +62,40 @@ def test_stage6_names_and_skips_a_checkpoint_cut_short_and_evaluates_the_others(
     shutil.rmtree(run_copy / "cut_seed0")
 
 
+# ----------------------------------------------------------------------- 3. the README's torchrun command
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_passes_the_stage_its_run_flag(tiny_run, tmp_path):
+    """`torchrun --nproc-per-node 2 05_grpo_train.py -- --run NAME ...` as a user types it (the console
+    script, 2 CPU ranks, gloo): torchrun alone reads --run as an abbreviation of its own --run-path and exits
+    2; after "--" the stage gets every flag."""
+    runs_dir = tmp_path / "elsewhere"
+    copy_of_tiny_run(tiny_run, runs_dir)
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    command = launcher + ["--nproc-per-node", "2", "05_grpo_train.py", "--", "--run", "tiny", "--runs-dir",
+                          str(runs_dir), "--parallel", "fsdp", "--steps", "1", "--prompts-per-step", "2",
+                          "--group-size", "2", "--max-new-tokens", "8", "--device", "cpu"]
+    # PET_MASTER_PORT: torchrun's --master-port, a free one (another test may hold the default)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PET_MASTER_PORT": str(free_port())}
+    started = time.time()
+    out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    print(f"\ntorchrun, 2 ranks, one step: {time.time() - started:.1f} s")
+    run = runs_dir / "tiny" / "hras_seed0"
+    config = json.loads((run / "config.json").read_text())
+    assert (config["run"], config["world_size"], config["parallel"]) == ("tiny", 2, "fsdp")
+    assert [r["step"] for r in stage1.read_jsonl(run / "metrics.jsonl")] == [1]
+    assert (run / "policy" / "model.safetensors").is_file()
+
+
+def test_parse_config_drops_the_separator_wherever_torchrun_leaves_it():
+    for argv in (["--", "--run", "x", "--steps", "3"], ["--run", "x", "--", "--steps", "3"]):
+        cfg = stage1.parse_config(stage5.Config, "", argv)
+        assert (cfg.run, cfg.steps) == ("x", 3)
+
+
