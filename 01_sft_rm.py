@@ -1347,6 +1347,90 @@ def require(path: Path, made_by: str) -> Path:
     return path
 
 
+def stage_command(script: str, run_dir: Path) -> str:
+    """The command that runs `script` on the run in run_dir, for the fix a message prints.
+
+    Example: stage_command("02_rollout.py", Path("runs/x")) -> "python 02_rollout.py --run x";
+             stage_command("02_rollout.py", Path("/data/x"))
+             -> "python 02_rollout.py --run x --runs-dir /data".
+    """
+    runs_dir = "" if run_dir.parent == Path("runs") else f" --runs-dir {run_dir.parent}"
+    return f"python {script} --run {run_dir.name}{runs_dir}"
+
+
+# Paths, models and devices of the later stages, checked before any model loads: a missing folder is otherwise
+# taken for a hub id, a wrong model fails inside transformers, a missing GPU is a driver traceback.
+def check_device(device: str) -> None:
+    """--device names a device this machine has."""
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SystemExit(f"--device {device}: not a device torch knows; pass cpu, cuda or cuda:N.") from None
+    if kind.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: CUDA is not available here; pass --device cpu.")
+    if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s); "
+                         f"pass cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+
+
+HUB_ID_RE = re.compile(r"\w[\w.-]*(?:/\w[\w.-]*)?")  # "Qwen/Qwen2-VL-2B-Instruct"; runs/x/policy is a path
+
+
+def model_config(flag: str, name_or_path: str):
+    """A model's transformers config, read before the model loads: a folder here must hold its config.json;
+    anything else must be a hub id, read from the cache (or the hub, when online)."""
+    from transformers import AutoConfig
+
+    folder = Path(name_or_path)
+    if folder.exists() and not (folder / "config.json").is_file():
+        raise SystemExit(f"{flag} {name_or_path}: no config.json in it, so not a saved model folder "
+                         f"(save_pretrained writes one).")
+    if not folder.exists() and not HUB_ID_RE.fullmatch(name_or_path):
+        raise SystemExit(f"{flag} {name_or_path}: no such folder.")
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except Exception as error:  # not in the cache offline, no such repo, no network, a broken config.json
+        if folder.exists():
+            raise SystemExit(f"{flag} {name_or_path}: cannot read its config.json ({error}).")
+        raise SystemExit(f"{flag} {name_or_path}: no such folder here, and not a hub model that loads "
+                         f"({error}). Pass a model folder, or a hub id (offline: one already in the cache).")
+
+
+def check_policy(flag: str, name_or_path: str) -> None:
+    """A policy (--policy, --init, --checkpoints) is a vision-language model with its processor. A LoRA folder
+    of stage 5 (adapter_config.json) is checked through its base model."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    adapter = Path(name_or_path) / "adapter_config.json"
+    if adapter.is_file():
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        return check_policy(f"{flag} {name_or_path}: its base_model_name_or_path", str(base))
+    config = model_config(flag, name_or_path)
+    vision_language = hasattr(config, "vision_config")
+    if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or not vision_language:
+        raise SystemExit(f"{flag} {name_or_path}: a {config.model_type} model "
+                         f"({', '.join(config.architectures or [])}), not a vision-language one: the policy "
+                         f"is a Qwen2-VL / Qwen2.5-VL folder or hub id (e.g. runs/<run>/policy_sft).")
+    folder = Path(name_or_path)
+    processor_files = ("processor_config.json", "preprocessor_config.json")
+    if folder.is_dir() and not any((folder / name).is_file() for name in processor_files):
+        raise SystemExit(f"{flag} {name_or_path}: no processor in it (processor_config.json or "
+                         f"preprocessor_config.json): save the model's processor into the folder too.")
+
+
+def check_classifier(flag: str, name_or_path: str) -> None:
+    """A CRM (--crm) is a text model that transformers gives a sequence-classification head: the policy passed
+    by mistake fails here, not after the policy has loaded."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    config = model_config(flag, name_or_path)
+    text_classifier = config.model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    if not text_classifier or hasattr(config, "vision_config"):
+        raise SystemExit(f"{flag} {name_or_path}: a {config.model_type} model "
+                         f"({', '.join(config.architectures or [])}), not a text classifier: the CRM is the "
+                         f"sequence classifier stage 1 trains (runs/<run>/crm).")
+
+
 # B.2 the command line: a flag per Config field, its comment as --help
 def field_comments(config_class) -> dict[str, str]:
     """Each field's one-line comment in the class's own source, read with the tokenize module (so a "#"

@@ -186,6 +186,11 @@ def check_config(cfg: Config) -> None:
                          "under fsdp.")
     if cfg.resume and cfg.overwrite:
         raise SystemExit("--resume and --overwrite: pass one (continue the run, or replace it).")
+    stage1.check_device(cfg.device)
+    if cfg.init:  # a folder that is not there, or the wrong model, fails here, not after a model has loaded
+        stage1.check_policy("--init", cfg.init)
+    if cfg.crm:
+        stage1.check_classifier("--crm", cfg.crm)
 
 
 # ----------------------------------------------------------------------------- the update
@@ -380,15 +385,42 @@ def pi_old_recomputed(cfg: Config) -> bool:
     return cfg.pi_old == "recompute" or (cfg.pi_old == "auto" and not fp32)
 
 
+def lora_target_regex(targets: str) -> str:
+    r"""--lora-targets as the regex peft fullmatches against module names (add_lora: why language_model).
+    Example: "q_proj,v_proj" -> ".*language_model.*\.(?:q_proj|v_proj)"."""
+    names = "|".join(t.strip() for t in targets.split(",") if t.strip())
+    return rf".*language_model.*\.(?:{names})"
+
+
 def add_lora(cfg: Config, model):
     """Wrap the policy with peft LoRA adapters on the language model's linears; everything else is frozen.
     The targets are matched inside `language_model` only: Qwen2.5-VL's vision MLP also has a gate_proj."""
     from peft import LoraConfig, get_peft_model  # imported only when LoRA is used
 
-    names = "|".join(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                      target_modules=rf".*language_model.*\.(?:{names})")
+                      target_modules=lora_target_regex(cfg.lora_targets))
     return get_peft_model(model, lora)
+
+
+def check_lora_targets(cfg: Config, init: str) -> None:
+    """Every name of --lora-targets names linear layers of the language model, checked before the model loads
+    on its skeleton (built from its config on the meta device: no weights, no memory). Else peft fails once
+    the model has loaded, or, where one name of several matches, adapts fewer layers than asked, silently."""
+    import re
+
+    from transformers import AutoModelForImageTextToText
+
+    if (Path(init) / "adapter_config.json").exists():  # a LoRA policy: its adapters are already chosen
+        return
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(stage1.model_config("--init", init))
+    linears = {name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()
+               if isinstance(module, torch.nn.Linear) and re.fullmatch(lora_target_regex("[^.]+"), name)}
+    names = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    unknown = [t for t in names if t not in linears] or ([] if names else ["(none)"])
+    if unknown:
+        raise SystemExit(f"--lora-targets {cfg.lora_targets}: {', '.join(unknown)} names no linear layer of "
+                         f"{init}'s language model; its linears: {', '.join(sorted(linears))}.")
 
 
 def enable_checkpointing(model) -> None:
@@ -679,6 +711,8 @@ def main(cfg: Config) -> dict:
     if world > 1:
         dist.barrier()  # torchrun: every rank has read the run folder before rank 0 changes it
     init = cfg.init or str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))
+    if cfg.lora_rank > 0 and not checkpoint:  # before the model loads (a resumed run keeps its adapters)
+        check_lora_targets(cfg, init)
 
     # models: the policy, an optional frozen reference, the frozen CRM. Frozen weights are stored in the
     # compute dtype (bf16 on CUDA); trained weights in fp32 (master weights, bf16 matmuls under autocast):

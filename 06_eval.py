@@ -140,6 +140,9 @@ def check_config(cfg: Config) -> dict[str, str]:
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise SystemExit("06_eval.py runs on one process (see its docstring): run it with python, "
                          "not torchrun.")
+    stage1.check_device(cfg.device)
+    for path in checkpoints.values():  # a folder that is not there fails here, not after the others
+        stage1.check_policy("--checkpoints", path)
     return checkpoints
 
 
@@ -570,7 +573,14 @@ def main(cfg: Config) -> dict:
     if cfg.benchmark:  # its rows in our columns: image, question, answer + the comparator's
         from adapters import benchmarks
 
-        test = benchmarks.load(cfg.benchmark, cfg.benchmark_split)
+        try:
+            test = benchmarks.load(cfg.benchmark, cfg.benchmark_split)
+        except SystemExit:
+            raise
+        except Exception as error:  # no network and not in the cache, a split it does not have
+            raise SystemExit(f"--benchmark {cfg.benchmark}: cannot load it ({error!r}). `datasets` downloads "
+                             f"it from the hub: run once with a network (then it is cached), or check "
+                             f"--benchmark-split.")
         columns = {"image": "image", "question": "question", "answer": "answer"}
     else:
         data = load_from_disk(str(stage1.require(run_dir / "data", "python 01_sft_rm.py")))

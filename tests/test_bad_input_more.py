@@ -99,3 +99,54 @@ def test_parse_config_drops_the_separator_wherever_torchrun_leaves_it():
         assert (cfg.run, cfg.steps) == ("x", 3)
 
 
+# ----------------------------------------------------------------------- 4. paths, models and devices
+def test_stages_check_paths_and_models_before_reading_anything(run_copy, tmp_path, no_models, stage,
+                                                               overrides, message):
+    folders = {name: str(run_copy / folder) for name, folder in [("crm", "crm"), ("policy", "policy_sft"),
+                                                                 ("data", "data")]}
+    overrides = {k: v.format(**folders) for k, v in overrides.items()}
+    module = {"2": stage2, "3": stage3, "5": stage5, "6": stage6}[stage]
+    with pytest.raises(SystemExit, match=message):  # runs_dir does not exist: the check reads nothing else
+        module.main(module.Config(runs_dir=str(tmp_path / "absent"), device="cpu", **overrides))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+@pytest.mark.parametrize("module", [stage2, stage3, stage5, stage6], ids=["2", "3", "5", "6"])
+def test_stages_refuse_a_device_this_machine_does_not_have(tmp_path, no_models, module):
+    with pytest.raises(SystemExit, match="--device cuda: CUDA is not available here; pass --device cpu"):
+        module.main(module.Config(runs_dir=str(tmp_path / "absent"), device="cuda"))
+    with pytest.raises(SystemExit, match="--device gpu: not a device torch knows; pass cpu, cuda or cuda:N"):
+        module.main(module.Config(runs_dir=str(tmp_path / "absent"), device="gpu"))
+
+
+def test_stage5_checks_lora_targets_before_the_model_loads(run_copy, no_models):
+    with pytest.raises(SystemExit, match=r"--lora-targets q_prj,v_proj: q_prj names no linear layer of "
+                                         r".*policy_sft's language model; its linears: down_proj, gate_proj, "
+                                         r"k_proj, o_proj, q_proj, up_proj, v_proj"):
+        stage5.main(small(run_copy, name="lora_typo", lora_rank=4, lora_targets="q_prj,v_proj"))
+    with pytest.raises(SystemExit, match="--lora-targets ,: \\(none\\) names no linear layer"):
+        stage5.main(small(run_copy, name="lora_typo", lora_rank=4, lora_targets=","))
+    assert not (run_copy / "lora_typo").exists()
+
+
+def test_stage6_benchmark_offline_is_a_clear_error(run_copy, no_models):
+    with pytest.raises(SystemExit, match="--benchmark cvbench: cannot load it .*run once with a network"):
+        stage6.main(stage6.Config(run="tiny", runs_dir=str(run_copy.parent), benchmark="cvbench",
+                                  device="cpu"))
+
+
+def test_fix_commands_of_stages_3_and_4_name_the_run(tmp_path):
+    run_dir, where = tmp_path / "mine", re.escape(str(tmp_path))
+    run_dir.mkdir()
+    (run_dir / "stage1.json").write_text(json.dumps({"config": {"dataset": None}}))
+    with pytest.raises(SystemExit, match=f"run `python 02_rollout.py --run mine --runs-dir {where}` first"):
+        stage3.main(stage3.Config(run="mine", runs_dir=str(tmp_path), device="cpu"))
+    (run_dir / "rollouts.jsonl").write_text("")
+    with pytest.raises(SystemExit, match=f"Rerun `python 02_rollout.py --run mine --runs-dir {where}`"):
+        stage3.main(stage3.Config(run="mine", runs_dir=str(tmp_path), device="cpu"))
+    with pytest.raises(SystemExit, match=f"run `python 03_rewards.py --run mine --runs-dir {where}` first"):
+        stage4.main(stage4.Config(run="mine", runs_dir=str(tmp_path)))
+    (run_dir / "rewards.jsonl").write_text("")
+    with pytest.raises(SystemExit, match=f"Rerun `python 03_rewards.py --run mine --runs-dir {where}`"):
+        stage4.main(stage4.Config(run="mine", runs_dir=str(tmp_path)))
+    assert stage1.stage_command("02_rollout.py", stage1.Path("runs") / "x") == "python 02_rollout.py --run x"
