@@ -1494,7 +1494,14 @@ def check_dataset(cfg: Config, train, test, train_split: str, test_split: str) -
                     raise SystemExit(f"--dataset {cfg.dataset}, split '{split}', row {index}: column "
                                      f"'{column}' is empty.")
         for index in tqdm(range(len(ds)), desc=f"opening the {split} images"):
-            row_image(ds, index, cfg.image_column, split)
+            try:
+                row_image(ds, index, cfg.image_column, split)
+            except SystemExit as error:  # a JSONL file: name its line too (the split's rows are shuffled)
+                lines = real_data.jsonl_lines(cfg, ds[index][cfg.image_column])
+                if not lines:
+                    raise
+                where = f"--dataset {cfg.dataset}, line {', '.join(map(str, lines))}"
+                raise SystemExit(f"{where}: {error}") from None
 
 
 def row_image(ds, index: int, column: str, split: str | None = None) -> Image.Image:
