@@ -50,6 +50,7 @@ Run:    python 05_grpo_train.py --advantage hras      # CORA;   --advantage grpo
 import atexit
 import contextlib
 import dataclasses
+import errno
 import functools
 import importlib
 import json
@@ -578,7 +579,9 @@ RUN_OUTPUTS = ["metrics.jsonl", "samples.jsonl", "checkpoint", "checkpoint.old",
 
 def save_checkpoint(out_dir: Path, model, processor, optimizer, scheduler, step: int, rng_states: dict,
                     run_config: dict) -> None:
-    """Write checkpoint.tmp/, then swap it in: a kill at any moment leaves one complete checkpoint.
+    """Write checkpoint.tmp/, then swap it in: a kill at any moment leaves one complete checkpoint, a failed
+    write (a full disk) stops the run with the last one as it was. rng_states: this rank's RNG states and its
+    seconds of training (the metric goes on from them after a resume).
     torchrun: every rank calls it (fsdp gathers the weights and AdamW states; each rank's sampler state is
     gathered); rank 0 writes; the others wait for it, so no rank reads a half-written checkpoint."""
     mode, rank = run_config["parallel"], dist.get_rank() if dist.is_initialized() else 0
@@ -597,11 +600,22 @@ def save_checkpoint(out_dir: Path, model, processor, optimizer, scheduler, step:
     if rank == 0:
         tmp, final, old = out_dir / "checkpoint.tmp", out_dir / "checkpoint", out_dir / "checkpoint.old"
         shutil.rmtree(tmp, ignore_errors=True)
-        saveable(model, weights).save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                    "ranks": per_rank}, tmp / "trainer_state.pt")
-        stage1.write_json_atomic(tmp / "run_config.json", run_config)  # what a --resume must match
+        try:
+            saveable(model, weights).save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            torch.save({"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                        "ranks": per_rank}, tmp / "trainer_state.pt")
+            stage1.write_json_atomic(tmp / "run_config.json", run_config)  # what a --resume must match
+        except (OSError, RuntimeError) as error:  # a full disk: torch.save says only "unexpected pos ..."
+            free = shutil.disk_usage(out_dir).free  # before the half-written checkpoint is removed
+            shutil.rmtree(tmp, ignore_errors=True)
+            full = getattr(error, "errno", None) == errno.ENOSPC or free < 2**26  # under 64 MiB left
+            why = f"no space left on the disk ({free / 2**20:.0f} MiB free)" if full else repr(error)
+            last = latest_checkpoint(out_dir)
+            then = f"{last}, the last complete checkpoint, is as it was: free some space, then --resume"
+            if last is None:
+                then = "no checkpoint was complete yet: free some space, then rerun with --overwrite"
+            raise SystemExit(f"step {step}: writing the checkpoint {tmp} failed, {why}; {then}.") from error
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             final.rename(old)
@@ -759,7 +773,7 @@ def main(cfg: Config) -> dict:
     # torchrun: a sampling seed per rank (seed * N + rank: distinct over ranks and seeds; one process: the
     # seed)
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed * world + rank)
-    start_step = 0
+    start_step, resumed_seconds = 0, 0.0
     if checkpoint:
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=False, map_location="cpu")
         if mode == "fsdp":  # the whole AdamW state, cut to this rank's shards
@@ -776,6 +790,7 @@ def main(cfg: Config) -> dict:
         generator.set_state(mine["generator"])
         torch.set_rng_state(mine["torch_rng"])
         start_step = state["step"]
+        resumed_seconds = mine.get("seconds", 0.0)  # the metric counts on from the checkpoint
         if rank == 0:
             print(f"resumed from {checkpoint} at step {start_step}")
     metrics_path, samples_path = out_dir / "metrics.jsonl", out_dir / "samples.jsonl"
@@ -792,7 +807,7 @@ def main(cfg: Config) -> dict:
         stage1.write_json_atomic(out_dir / "config.json", run_config)
 
     per_rank = cfg.prompts_per_step // world
-    started, steps_this_run = time.time(), 0
+    started, steps_this_run = time.time() - resumed_seconds, 0
     for step in (bar := tqdm(range(start_step, cfg.steps), desc=f"{cfg.advantage} seed {cfg.seed}",
                              initial=start_step, total=cfg.steps, disable=rank > 0)):
         # 1-2. prompts and rollouts (torchrun: every rank draws the same P, and takes its own P / N of them)
@@ -846,7 +861,8 @@ def main(cfg: Config) -> dict:
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
             save_checkpoint(out_dir, model, processor, optimizer, scheduler, step + 1,
                             {"prompt_rng": prompt_rng.getstate(), "generator": generator.get_state(),
-                             "torch_rng": torch.get_rng_state()}, run_config)
+                             "torch_rng": torch.get_rng_state(), "seconds": time.time() - started},
+                            run_config)
         if cfg.stop_after and steps_this_run >= cfg.stop_after:
             if rank == 0:
                 print(f"stopping after {steps_this_run} steps (--stop-after)")

@@ -100,6 +100,19 @@ def test_parse_config_drops_the_separator_wherever_torchrun_leaves_it():
 
 
 # ----------------------------------------------------------------------- 4. paths, models and devices
+@pytest.mark.parametrize("stage, overrides, message", [
+    ("2", {"policy": "runs/nowhere/policy_sft"}, "--policy runs/nowhere/policy_sft: no such folder"),
+    ("2", {"policy": "{crm}"}, r"--policy .*crm: a modernbert model \(ModernBertForSequenceClassification\), "
+                               r"not a vision-language one"),
+    ("2", {"policy": "{data}"}, r"--policy .*data: no config.json in it"),
+    ("3", {"crm": "{policy}"}, r"--crm .*policy_sft: a qwen2_vl model .*, not a text classifier"),
+    ("5", {"init": "runs/nowhere/policy_sft"}, "--init runs/nowhere/policy_sft: no such folder"),
+    ("5", {"init": "nobody/no-such-model"}, "--init nobody/no-such-model: no such folder here, and not a"),
+    ("5", {"init": "{crm}"}, "--init .*crm: a modernbert model .*not a vision-language one"),
+    ("5", {"crm": "{policy}"}, "--crm .*policy_sft: a qwen2_vl model .*, not a text classifier"),
+    ("6", {"checkpoints": "hras=runs/nowhere/policy"}, "--checkpoints runs/nowhere/policy: no such folder"),
+    ("6", {"checkpoints": "crm={crm}"}, "--checkpoints .*crm: a modernbert model"),
+])
 def test_stages_check_paths_and_models_before_reading_anything(run_copy, tmp_path, no_models, stage,
                                                                overrides, message):
     folders = {name: str(run_copy / folder) for name, folder in [("crm", "crm"), ("policy", "policy_sft"),
@@ -133,6 +146,48 @@ def test_stage6_benchmark_offline_is_a_clear_error(run_copy, no_models):
     with pytest.raises(SystemExit, match="--benchmark cvbench: cannot load it .*run once with a network"):
         stage6.main(stage6.Config(run="tiny", runs_dir=str(run_copy.parent), benchmark="cvbench",
                                   device="cpu"))
+
+
+# ----------------------------------------------------------------------- 5. smaller
+def test_a_full_disk_during_a_checkpoint_says_so_and_keeps_the_last_one(run_copy, monkeypatch):
+    """torch.save on a full disk raises only "unexpected pos ..." (as on an 8 MB tmpfs); here the disk is
+    full from the second checkpoint on."""
+    real_save, real_usage, saves = torch.save, shutil.disk_usage, []
+
+    def save(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) == 1:
+            return real_save(obj, path, *args, **kwargs)
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3025088 vs 3024976")
+
+    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: real_usage(path)._replace(free=0))
+    out_dir = run_copy / "full_disk"
+    with pytest.raises(SystemExit, match=r"step 2: writing the checkpoint .*checkpoint.tmp failed, no space "
+                                         r"left on the disk \(0 MiB free\); .*checkpoint, the last complete "
+                                         r"checkpoint, is as it was: free some space, then --resume"):
+        stage5.main(small(run_copy, name="full_disk", steps=3))
+    assert not (out_dir / "checkpoint.tmp").exists()  # the half-written one is gone: its space is free again
+    assert torch.load(out_dir / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 1
+    monkeypatch.undo()
+    stage5.main(small(run_copy, name="full_disk", steps=3, resume=True))  # space freed: it goes on
+    assert [r["step"] for r in stage1.read_jsonl(out_dir / "metrics.jsonl")] == [1, 2, 3]
+
+
+def test_the_seconds_metric_goes_on_after_a_resume(run_copy, monkeypatch):
+    now = [0.0]
+
+    def clock() -> float:  # every reading 100 s after the last
+        now[0] += 100.0
+        return now[0]
+
+    monkeypatch.setattr(stage5, "time", types.SimpleNamespace(time=clock))
+    stage5.main(small(run_copy, name="timed", stop_after=1))  # 100 s at step 1, checkpoint at 200 s
+    stage5.main(small(run_copy, name="timed", resume=True))
+    seconds = [r["seconds"] for r in stage1.read_jsonl(run_copy / "timed" / "metrics.jsonl")]
+    assert seconds == [100.0, 300.0]  # 200 s before the checkpoint, 100 s after the resume
 
 
 def test_fix_commands_of_stages_3_and_4_name_the_run(tmp_path):
