@@ -69,6 +69,7 @@ Run:    python 01_sft_rm.py                              # embedded default (its
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -794,6 +795,32 @@ def crm_max_length(tokenizer) -> int:
     return int(limit) if limit and limit < 1_000_000 else 512
 
 
+@functools.lru_cache(maxsize=8)
+def longest_token(tokenizer) -> int:
+    """The most characters a token of the vocabulary spells: no token covers more of a text."""
+    return max(map(len, tokenizer.get_vocab()))
+
+
+def cut_to_fit(tokenizer, pair: dict, max_length: int) -> dict:
+    """The pair with each text cut, before tokenizing, where none of its tokens could be kept: the question
+    and the answer keep their start, the thinking its end (what encode_pairs keeps). A text of more than
+    max_length x longest_token characters has more than max_length tokens; a cut that leaves fewer (a
+    normalizer that drops characters, e.g. one that collapses runs of spaces) is not made.
+    Why: a tokenizer takes seconds to encode a 10-million-character thinking, of which 512 tokens are kept.
+
+    Example: longest token 16 characters, max_length 512: a thinking of 10**7 characters keeps its last 8,192.
+    """
+    cut = dict(pair)
+    for key, keep_end in [("question", False), ("thinking", True), ("answer", False)]:
+        text = str(pair[key])
+        limit = max_length * longest_token(tokenizer)
+        if len(text) > limit:
+            short = text[-limit:] if keep_end else text[:limit]
+            if len(tokenizer(short, add_special_tokens=False, verbose=False)["input_ids"]) >= max_length:
+                cut[key] = short
+    return cut
+
+
 def encode_pairs(tokenizer, pairs: list[dict], device, max_length: int | None = None,
                  max_hypothesis_tokens: int = 64) -> dict:
     """premise = question + thinking, hypothesis = 'The final answer is {a}.', at most max_length tokens a
@@ -803,13 +830,15 @@ def encode_pairs(tokenizer, pairs: list[dict], device, max_length: int | None = 
     raises (a fast tokenizer's own truncation does when the hypothesis alone is too long, e.g. ~130 emoji):
     the hypothesis, so a long answer, is cut to its first max_hypothesis_tokens tokens, and the premise keeps
     the question and the end of the thinking (kept_positions), where the conclusion the CRM must read sits.
-    The cut is by tokens, never characters. Right padding: every row's real tokens sit at positions 0..n-1, as
-    alone, and a decoder classifier's last real token is the last one before the pads.
+    The cut is by tokens; characters go before tokenizing only where none of their tokens could stay
+    (cut_to_fit). Right padding: every row's real tokens sit at positions 0..n-1, as alone, and a decoder
+    classifier's last real token is the last one before the pads.
     """
     max_length = crm_max_length(tokenizer) if max_length is None else max_length
     if max_length <= tokenizer.num_special_tokens_to_add(pair=True) + max_hypothesis_tokens:
         raise ValueError(f"max_length={max_length} leaves no room for the premise: it must exceed the "
                          f"special tokens plus max_hypothesis_tokens={max_hypothesis_tokens}.")
+    pairs = [cut_to_fit(tokenizer, p, max_length) for p in pairs]
     premises = [f"{p['question']} {p['thinking']}" for p in pairs]
     hypotheses = [crm_hypothesis(p["answer"]) for p in pairs]
     # untruncated and unpadded: one list of ids per pair
