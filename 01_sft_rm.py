@@ -810,10 +810,9 @@ def cut_to_fit(tokenizer, pair: dict, max_length: int) -> dict:
 
     Example: longest token 16 characters, max_length 512: a thinking of 10**7 characters keeps its last 8,192.
     """
-    cut = dict(pair)
+    cut, limit = dict(pair), max_length * longest_token(tokenizer)
     for key, keep_end in [("question", False), ("thinking", True), ("answer", False)]:
         text = str(pair[key])
-        limit = max_length * longest_token(tokenizer)
         if len(text) > limit:
             short = text[-limit:] if keep_end else text[:limit]
             if len(tokenizer(short, add_special_tokens=False, verbose=False)["input_ids"]) >= max_length:
