@@ -69,12 +69,14 @@ Run:    python 01_sft_rm.py                              # embedded default (its
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
 import random
 import re
 import shutil
+import sys
 import time
 import typing
 from dataclasses import dataclass
@@ -796,6 +798,31 @@ def crm_max_length(tokenizer) -> int:
     return int(limit) if limit and limit < 1_000_000 else 512
 
 
+@functools.lru_cache(maxsize=8)
+def longest_token(tokenizer) -> int:
+    """The most characters a token of the vocabulary spells: no token covers more of a text."""
+    return max(map(len, tokenizer.get_vocab()))
+
+
+def cut_to_fit(tokenizer, pair: dict, max_length: int) -> dict:
+    """The pair with each text cut, before tokenizing, where none of its tokens could be kept: the question
+    and the answer keep their start, the thinking its end (what encode_pairs keeps). A text of more than
+    max_length x longest_token characters has more than max_length tokens; a cut that leaves fewer (a
+    normalizer that drops characters, e.g. one that collapses runs of spaces) is not made.
+    Why: a tokenizer takes seconds to encode a 10-million-character thinking, of which 512 tokens are kept.
+
+    Example: longest token 16 characters, max_length 512: a thinking of 10**7 characters keeps its last 8,192.
+    """
+    cut, limit = dict(pair), max_length * longest_token(tokenizer)
+    for key, keep_end in [("question", False), ("thinking", True), ("answer", False)]:
+        text = str(pair[key])
+        if len(text) > limit:
+            short = text[-limit:] if keep_end else text[:limit]
+            if len(tokenizer(short, add_special_tokens=False, verbose=False)["input_ids"]) >= max_length:
+                cut[key] = short
+    return cut
+
+
 def encode_pairs(tokenizer, pairs: list[dict], device, max_length: int | None = None,
                  max_hypothesis_tokens: int = 64) -> dict:
     """premise = question + thinking, hypothesis = 'The final answer is {a}.', at most max_length tokens a
@@ -805,13 +832,15 @@ def encode_pairs(tokenizer, pairs: list[dict], device, max_length: int | None = 
     raises (a fast tokenizer's own truncation does when the hypothesis alone is too long, e.g. ~130 emoji):
     the hypothesis, so a long answer, is cut to its first max_hypothesis_tokens tokens, and the premise keeps
     the question and the end of the thinking (kept_positions), where the conclusion the CRM must read sits.
-    The cut is by tokens, never characters. Right padding: every row's real tokens sit at positions 0..n-1, as
-    alone, and a decoder classifier's last real token is the last one before the pads.
+    The cut is by tokens; characters go before tokenizing only where none of their tokens could stay
+    (cut_to_fit). Right padding: every row's real tokens sit at positions 0..n-1, as alone, and a decoder
+    classifier's last real token is the last one before the pads.
     """
     max_length = crm_max_length(tokenizer) if max_length is None else max_length
     if max_length <= tokenizer.num_special_tokens_to_add(pair=True) + max_hypothesis_tokens:
         raise ValueError(f"max_length={max_length} leaves no room for the premise: it must exceed the "
                          f"special tokens plus max_hypothesis_tokens={max_hypothesis_tokens}.")
+    pairs = [cut_to_fit(tokenizer, p, max_length) for p in pairs]
     premises = [f"{p['question']} {p['thinking']}" for p in pairs]
     hypotheses = [crm_hypothesis(p["answer"]) for p in pairs]
     # untruncated and unpadded: one list of ids per pair
@@ -1475,7 +1504,91 @@ def default_crm(run_dir: Path) -> Path:
     rollouts sampled during GRPO training: crm_from_rollouts), once it exists; until then runs/<run>/crm
     (trained on the SFT policy's rollouts)."""
     recipe = run_dir / Config.crm_out
-    return recipe if recipe.is_dir() else require(run_dir / "crm", f"python 01_sft_rm.py --run {run_dir.name}")
+    return recipe if recipe.is_dir() else require(run_dir / "crm", stage_command("01_sft_rm.py", run_dir))
+
+
+def stage_command(script: str, run_dir: Path) -> str:
+    """The command that runs `script` on the run in run_dir, for the fix a message prints.
+
+    Example: stage_command("02_rollout.py", Path("runs/x")) -> "python 02_rollout.py --run x";
+             stage_command("02_rollout.py", Path("/data/x"))
+             -> "python 02_rollout.py --run x --runs-dir /data".
+    """
+    runs_dir = "" if run_dir.parent == Path("runs") else f" --runs-dir {run_dir.parent}"
+    return f"python {script} --run {run_dir.name}{runs_dir}"
+
+
+# Paths, models and devices of the later stages, checked before any model loads: a missing folder is otherwise
+# taken for a hub id, a wrong model fails inside transformers, a missing GPU is a driver traceback.
+def check_device(device: str) -> None:
+    """--device names a device this machine has."""
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SystemExit(f"--device {device}: not a device torch knows; pass cpu, cuda or cuda:N.") from None
+    if kind.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: CUDA is not available here; pass --device cpu.")
+    if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {device}: this machine has {torch.cuda.device_count()} GPU(s); "
+                         f"pass cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+
+
+HUB_ID_RE = re.compile(r"\w[\w.-]*(?:/\w[\w.-]*)?")  # "Qwen/Qwen2-VL-2B-Instruct"; runs/x/policy is a path
+
+
+def model_config(flag: str, name_or_path: str):
+    """A model's transformers config, read before the model loads: a folder here must hold its config.json;
+    anything else must be a hub id, read from the cache (or the hub, when online)."""
+    from transformers import AutoConfig
+
+    folder = Path(name_or_path)
+    if folder.exists() and not (folder / "config.json").is_file():
+        raise SystemExit(f"{flag} {name_or_path}: no config.json in it, so not a saved model folder "
+                         f"(save_pretrained writes one).")
+    if not folder.exists() and not HUB_ID_RE.fullmatch(name_or_path):
+        raise SystemExit(f"{flag} {name_or_path}: no such folder.")
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except Exception as error:  # not in the cache offline, no such repo, no network, a broken config.json
+        if folder.exists():
+            raise SystemExit(f"{flag} {name_or_path}: cannot read its config.json ({error}).")
+        raise SystemExit(f"{flag} {name_or_path}: no such folder here, and not a hub model that loads "
+                         f"({error}). Pass a model folder, or a hub id (offline: one already in the cache).")
+
+
+def check_policy(flag: str, name_or_path: str) -> None:
+    """A policy (--policy, --init, --checkpoints) is a vision-language model with its processor. A LoRA folder
+    of stage 5 (adapter_config.json) is checked through its base model."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    adapter = Path(name_or_path) / "adapter_config.json"
+    if adapter.is_file():
+        base = json.loads(adapter.read_text()).get("base_model_name_or_path")
+        return check_policy(f"{flag} {name_or_path}: its base_model_name_or_path", str(base))
+    config = model_config(flag, name_or_path)
+    vision_language = hasattr(config, "vision_config")
+    if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or not vision_language:
+        raise SystemExit(f"{flag} {name_or_path}: a {config.model_type} model "
+                         f"({', '.join(config.architectures or [])}), not a vision-language one: the policy "
+                         f"is a Qwen2-VL / Qwen2.5-VL folder or hub id (e.g. runs/<run>/policy_sft).")
+    folder = Path(name_or_path)
+    processor_files = ("processor_config.json", "preprocessor_config.json")
+    if folder.is_dir() and not any((folder / name).is_file() for name in processor_files):
+        raise SystemExit(f"{flag} {name_or_path}: no processor in it (processor_config.json or "
+                         f"preprocessor_config.json): save the model's processor into the folder too.")
+
+
+def check_classifier(flag: str, name_or_path: str) -> None:
+    """A CRM (--crm) is a text model that transformers gives a sequence-classification head: the policy passed
+    by mistake fails here, not after the policy has loaded."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    config = model_config(flag, name_or_path)
+    text_classifier = config.model_type in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+    if not text_classifier or hasattr(config, "vision_config"):
+        raise SystemExit(f"{flag} {name_or_path}: a {config.model_type} model "
+                         f"({', '.join(config.architectures or [])}), not a text classifier: the CRM is the "
+                         f"sequence classifier stage 1 trains (runs/<run>/crm).")
 
 
 # B.2 the command line: a flag per Config field, its comment as --help
@@ -1518,6 +1631,9 @@ def parse_config(config_class, description: str, argv=None):
             kinds = [t for t in typing.get_args(field.type) if t is not type(None)] or [field.type]
             parser.add_argument(flag, type={int: int, float: float}.get(kinds[0], str), default=field.default,
                                 help=f"{text} (default: %(default)s)")
+    # torchrun takes a flag after the script that abbreviates one of its own (--run: --run-path) and exits, so
+    # its users write `torchrun ... 05_grpo_train.py -- --run x`; a "--" that reaches the stage is dropped
+    argv = [arg for arg in (sys.argv[1:] if argv is None else argv) if arg != "--"]
     return config_class(**vars(parser.parse_args(argv)))
 
 
@@ -1538,7 +1654,14 @@ def check_dataset(cfg: Config, train, test, train_split: str, test_split: str) -
                     raise SystemExit(f"--dataset {cfg.dataset}, split '{split}', row {index}: column "
                                      f"'{column}' is empty.")
         for index in tqdm(range(len(ds)), desc=f"opening the {split} images"):
-            row_image(ds, index, cfg.image_column, split)
+            try:
+                row_image(ds, index, cfg.image_column, split)
+            except SystemExit as error:  # a JSONL file: name its line too (the split's rows are shuffled)
+                lines = real_data.jsonl_lines(cfg, ds[index][cfg.image_column])
+                if not lines:
+                    raise
+                where = f"--dataset {cfg.dataset}, line {', '.join(map(str, lines))}"
+                raise SystemExit(f"{where}: {error}") from None
 
 
 def row_image(ds, index: int, column: str, split: str | None = None) -> Image.Image:
@@ -1619,13 +1742,24 @@ def judge_rows(cfg: Config, rows: list[dict], run_dir: Path) -> tuple[list[dict]
     Unparseable verdicts are counted in the stats and dropped (adapters/judge.py)."""
     from adapters import judge as judges
 
-    return judges.label_rows(make_judge(cfg, run_dir / "judge_cache.jsonl"), rows)
+    if not rows:  # the judge was never asked: the policy's rollouts held nothing to parse
+        raise SystemExit(f"none of the SFT policy's rollouts (--crm-rollout-prompts {cfg.crm_rollout_prompts}"
+                         f" x --crm-rollout-samples {cfg.crm_rollout_samples}) has a <think>...</think>"
+                         f"<answer>...</answer> to judge within --max-new-tokens {cfg.max_new_tokens}. Raise "
+                         f"--max-new-tokens, or fine-tune the policy to that format first (--target-column, "
+                         f"without --skip-policy-sft).")
+    labelled, stats = judges.label_rows(make_judge(cfg, run_dir / "judge_cache.jsonl"), rows)
+    if not labelled:  # else an embedded run reports an agreement on 0 rows, a real one a CRM with no data
+        raise SystemExit(f"the judge ({cfg.judge or cfg.judge_model}) gave no verdict for any of the "
+                         f"{len(rows)} rollouts: no reply held consistent or inconsistent "
+                         f"(adapters/judge.py, parse_verdict). Check what it replies to judge_prompt.")
+    return labelled, stats
 
 
 def check_judge(cfg: Config, run_dir: Path) -> None:
     """The judge tried before any SFT: a local judge's config and tokenizer load (the model itself loads after
-    SFT, when the GPU is free); an endpoint answers one request, so a wrong URL, model name or key fails
-    here."""
+    SFT, when the GPU is free); an endpoint answers one request with a verdict, so a wrong URL, model name or
+    key, or an endpoint that answers anything but a verdict (an HTML page), fails here."""
     if cfg.judge:
         from transformers import AutoConfig, AutoTokenizer
         try:
@@ -1638,11 +1772,22 @@ def check_judge(cfg: Config, run_dir: Path) -> None:
         try:
             judge = judges.UrlJudge(cfg.judge_url, cfg.judge_model, api_key_env=cfg.judge_api_key_env,
                                     max_retries=2, cache_path=str(run_dir / "judge_cache.jsonl"))
-            row = {"question": "How many?", "thinking": "1, 2. So the answer is 2.", "answer": "2"}
-            judge.complete([judges.judge_prompt(row)])
+            row = {"question": "How many red shapes are there?",
+                   "thinking": "I count the red shapes: 1, 2. So the answer is 2.", "answer": "2"}
+            prompt = judges.judge_prompt(row)
+            if judges.parse_verdict(judge.cache.get(judge.key(prompt))) is None:
+                judge.cache.pop(judge.key(prompt), None)  # a cached reply without a verdict is asked again
+            reply = judge.complete([prompt])[0]
         except Exception as error:
             raise SystemExit(f"--judge-url {cfg.judge_url} --judge-model {cfg.judge_model}: no usable reply "
                              f"({error}). Check the URL, the model name and ${cfg.judge_api_key_env}.")
+        if judges.parse_verdict(reply) is None:  # HTTP 200 is not enough: each row would be dropped, later
+            got = (f"{reply[:200]!r}, with no verdict (consistent or inconsistent) in it" if reply is not None
+                   else "a body that is not a chat completion (no choices[0].message.content: HTML?)")
+            raise SystemExit(f"--judge-url {cfg.judge_url} --judge-model {cfg.judge_model}: asked to judge "
+                             f"one row, it answered {got}. Check that the URL is the API's base (it ends in "
+                             f"/v1) and the model name, and that the model replies in words (a reasoning "
+                             f"model needs room to close its <think>).")
 
 
 # The entry point stays last: every name above exists by the time main() runs.

@@ -81,6 +81,9 @@ def check_config(cfg: Config) -> None:
     if cfg.fast not in ("auto", "on", "off"):
         raise SystemExit(f"--fast {cfg.fast}: use auto, on or off.")
     stage1.compute_dtype(cfg.device, cfg.dtype)  # an unknown --dtype is refused there
+    stage1.check_device(cfg.device)
+    if cfg.policy:  # a folder that is not there, or not a vision-language model, fails here
+        stage1.check_policy("--policy", cfg.policy)
 
 
 @dataclass

@@ -76,6 +76,9 @@ def check_config(cfg: Config) -> None:
     if cfg.crm_max_length is not None and cfg.crm_max_length <= 64:  # the answer alone may take 64 tokens
         raise SystemExit(f"--crm-max-length {cfg.crm_max_length}: must be above 64, or left unset "
                          f"(the length stage 1 trained the CRM with).")
+    stage1.check_device(cfg.device)
+    if cfg.crm:
+        stage1.check_classifier("--crm", cfg.crm)
 
 
 TAG_RE = re.compile(r"</?(?:think|answer)>")  # one of the four tags; nothing repeats, so a scan is linear
@@ -203,7 +206,7 @@ def score_completions(texts: list[str], questions: list[str], truths: list[str],
 
 def check_rollouts(prompts: list[dict], path: Path) -> None:
     """Stop before anything is written (or a model loaded) when the rollouts cannot be scored."""
-    remake = f"Rerun `python 02_rollout.py` to remake {path.name}."
+    remake = f"Rerun `{stage1.stage_command('02_rollout.py', path.parent)}` to remake {path.name}."
     if not prompts:
         raise SystemExit(f"{path} holds no prompts: nothing to score. {remake}")
     for number, p in enumerate(prompts, start=1):
@@ -219,7 +222,7 @@ def main(cfg: Config) -> list[dict]:
     check_config(cfg)
     run_dir = Path(cfg.runs_dir) / cfg.run
     embedded = stage1.read_stage1(run_dir)["config"]["dataset"] is None
-    rollouts = stage1.require(run_dir / "rollouts.jsonl", "python 02_rollout.py")
+    rollouts = stage1.require(run_dir / "rollouts.jsonl", stage1.stage_command("02_rollout.py", run_dir))
     prompts = stage1.read_jsonl(rollouts)
     check_rollouts(prompts, rollouts)
     crm_path = cfg.crm or str(stage1.default_crm(run_dir))

@@ -185,7 +185,7 @@ def zero_variance_stats(task: torch.Tensor, advantages: torch.Tensor, group_size
 def check_rewards(prompts: list[dict], path: Path) -> int:
     """The group size G, or a stop before anything is written that names the file and the prompt: no prompts,
     a missing or non-numeric reward, groups of unequal size or of one."""
-    remake = f"Rerun `python 03_rewards.py` to remake {path.name}."
+    remake = f"Rerun `{stage1.stage_command('03_rewards.py', path.parent)}` to remake {path.name}."
     if not prompts:
         raise SystemExit(f"{path} holds no prompts: nothing to normalise. {remake}")
     for number, p in enumerate(prompts, start=1):
@@ -215,7 +215,7 @@ def non_finite_rows(values: torch.Tensor, prompts: list[dict], group_size: int) 
 def main(cfg: Config) -> list[dict]:
     check_config(cfg)
     run_dir = Path(cfg.runs_dir) / cfg.run
-    path = stage1.require(run_dir / "rewards.jsonl", "python 03_rewards.py")
+    path = stage1.require(run_dir / "rewards.jsonl", stage1.stage_command("03_rewards.py", run_dir))
     prompts = stage1.read_jsonl(path)
     group_size = check_rewards(prompts, path)
     task = torch.tensor([r["task"] for p in prompts for r in p["rewards"]])  # (N,)

@@ -27,8 +27,8 @@ adapters on the language model; the reference is the same model with its adapter
 The update runs each prompt once per micro-batch, its G rows on copies of its keys and values
 (shared_prompt_logprobs: the same log-probs as one prompt per row, less work; not under checkpointing).
 
-Several GPUs: `torchrun --nproc-per-node N 05_grpo_train.py --parallel ddp|fsdp ...` runs this same loop on N
-ranks. Each step's P prompts are split over them, P/N each (whole groups, so rewards and HRAS need no
+Several GPUs: `torchrun --nproc-per-node N 05_grpo_train.py -- --parallel ddp|fsdp ...` runs this same loop on
+N ranks. Each step's P prompts are split over them, P/N each (whole groups, so rewards and HRAS need no
 communication); the loss divides by the token count of the global batch (one all-reduce), so N ranks compute
 the update one process computes from the same samples (a test checks it, for ddp and fsdp). ddp: every rank
 holds the whole model (DistributedDataParallel); fsdp: FSDP2 shards weights, gradients and AdamW states over
@@ -37,6 +37,7 @@ prompt order is the same everywhere. Rank 0 logs the metrics (averaged over rank
 from a gathered state dict: whole weights in the Hugging Face folder one process writes (stage 6 reads it),
 resumed on the same number of ranks. Not supported: LoRA with fsdp, the fast sampler with fsdp, a resume on
 another number of ranks.
+The "--" after the script ends torchrun's own options: without it torchrun reads --run as its --run-path.
 
 Reads:  runs/<run>/{data,policy_sft,crm}/ and stage1.json (01_sft_rm.py).
 Writes: runs/<run>/<name>/ with metrics.jsonl (one line per step), rollouts.jsonl (every rollout of every
@@ -44,11 +45,12 @@ Writes: runs/<run>/<name>/ with metrics.jsonl (one line per step), rollouts.json
         atomic; --resume continues from it), policy/ (the final weights), summary.json. A folder that holds
         a run is never replaced unless --overwrite says so.
 Run:    python 05_grpo_train.py --advantage hras      # CORA;   --advantage grpo | sum for the baselines
-        torchrun --nproc-per-node 8 05_grpo_train.py --parallel fsdp --prompts-per-step 64 ...   # 8 GPUs
+        torchrun --nproc-per-node 8 05_grpo_train.py -- --run default --parallel fsdp ...   # 8 GPUs
 """
 import atexit
 import contextlib
 import dataclasses
+import errno
 import functools
 import importlib
 import json
@@ -209,6 +211,11 @@ def check_config(cfg: Config) -> None:
         raise SystemExit(f"--crm-refresh-lr {cfg.crm_refresh_lr}: must be a finite number above 0.")
     if cfg.resume and cfg.overwrite:
         raise SystemExit("--resume and --overwrite: pass one (continue the run, or replace it).")
+    stage1.check_device(cfg.device)
+    if cfg.init:  # a folder that is not there, or the wrong model, fails here, not after a model has loaded
+        stage1.check_policy("--init", cfg.init)
+    if cfg.crm:
+        stage1.check_classifier("--crm", cfg.crm)
 
 
 # ----------------------------------------------------------------------------- the update
@@ -403,15 +410,42 @@ def pi_old_recomputed(cfg: Config) -> bool:
     return cfg.pi_old == "recompute" or (cfg.pi_old == "auto" and not fp32)
 
 
+def lora_target_regex(targets: str) -> str:
+    r"""--lora-targets as the regex peft fullmatches against module names (add_lora: why language_model).
+    Example: "q_proj,v_proj" -> ".*language_model.*\.(?:q_proj|v_proj)"."""
+    names = "|".join(t.strip() for t in targets.split(",") if t.strip())
+    return rf".*language_model.*\.(?:{names})"
+
+
 def add_lora(cfg: Config, model):
     """Wrap the policy with peft LoRA adapters on the language model's linears; everything else is frozen.
     The targets are matched inside `language_model` only: Qwen2.5-VL's vision MLP also has a gate_proj."""
     from peft import LoraConfig, get_peft_model  # imported only when LoRA is used
 
-    names = "|".join(t.strip() for t in cfg.lora_targets.split(",") if t.strip())
     lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                      target_modules=rf".*language_model.*\.(?:{names})")
+                      target_modules=lora_target_regex(cfg.lora_targets))
     return get_peft_model(model, lora)
+
+
+def check_lora_targets(cfg: Config, init: str) -> None:
+    """Every name of --lora-targets names linear layers of the language model, checked before the model loads
+    on its skeleton (built from its config on the meta device: no weights, no memory). Else peft fails once
+    the model has loaded, or, where one name of several matches, adapts fewer layers than asked, silently."""
+    import re
+
+    from transformers import AutoModelForImageTextToText
+
+    if (Path(init) / "adapter_config.json").exists():  # a LoRA policy: its adapters are already chosen
+        return
+    with torch.device("meta"):
+        skeleton = AutoModelForImageTextToText.from_config(stage1.model_config("--init", init))
+    linears = {name.rsplit(".", 1)[-1] for name, module in skeleton.named_modules()
+               if isinstance(module, torch.nn.Linear) and re.fullmatch(lora_target_regex("[^.]+"), name)}
+    names = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    unknown = [t for t in names if t not in linears] or ([] if names else ["(none)"])
+    if unknown:
+        raise SystemExit(f"--lora-targets {cfg.lora_targets}: {', '.join(unknown)} names no linear layer of "
+                         f"{init}'s language model; its linears: {', '.join(sorted(linears))}.")
 
 
 def enable_checkpointing(model) -> None:
@@ -578,7 +612,9 @@ RUN_OUTPUTS = ["metrics.jsonl", "rollouts.jsonl", "checkpoint", "checkpoint.old"
 
 def save_checkpoint(out_dir: Path, model, processor, optimizer, scheduler, step: int, rng_states: dict,
                     run_config: dict, guard: dict | None = None) -> None:
-    """Write checkpoint.tmp/, then swap it in: a kill at any moment leaves one complete checkpoint.
+    """Write checkpoint.tmp/, then swap it in: a kill at any moment leaves one complete checkpoint, a failed
+    write (a full disk) stops the run with the last one as it was. rng_states: this rank's RNG states and its
+    seconds of training (the metric goes on from them after a resume).
     torchrun: every rank calls it (fsdp gathers the weights and AdamW states; each rank's sampler state is
     gathered); rank 0 writes; the others wait for it, so no rank reads a half-written checkpoint.
     guard (--crm-refresh): {"crm", "tokenizer", "judged", "new_from"}: the refreshed CRM goes to checkpoint/crm/,
@@ -599,15 +635,27 @@ def save_checkpoint(out_dir: Path, model, processor, optimizer, scheduler, step:
     if rank == 0:
         tmp, final, old = out_dir / "checkpoint.tmp", out_dir / "checkpoint", out_dir / "checkpoint.old"
         shutil.rmtree(tmp, ignore_errors=True)
-        saveable(model, weights).save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        state = {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "ranks": per_rank}
-        if guard:
-            guard["crm"].save_pretrained(tmp / "crm")
-            guard["tokenizer"].save_pretrained(tmp / "crm")
-            state["guard"] = {"judged": guard["judged"], "new_from": guard["new_from"]}
-        torch.save(state, tmp / "trainer_state.pt")
-        stage1.write_json_atomic(tmp / "run_config.json", run_config)  # what a --resume must match
+        try:
+            saveable(model, weights).save_pretrained(tmp)
+            processor.save_pretrained(tmp)
+            state = {"step": step, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                     "ranks": per_rank}
+            if guard:
+                guard["crm"].save_pretrained(tmp / "crm")
+                guard["tokenizer"].save_pretrained(tmp / "crm")
+                state["guard"] = {"judged": guard["judged"], "new_from": guard["new_from"]}
+            torch.save(state, tmp / "trainer_state.pt")
+            stage1.write_json_atomic(tmp / "run_config.json", run_config)  # what a --resume must match
+        except (OSError, RuntimeError) as error:  # a full disk: torch.save says only "unexpected pos ..."
+            free = shutil.disk_usage(out_dir).free  # before the half-written checkpoint is removed
+            shutil.rmtree(tmp, ignore_errors=True)
+            full = getattr(error, "errno", None) == errno.ENOSPC or free < 2**26  # under 64 MiB left
+            why = f"no space left on the disk ({free / 2**20:.0f} MiB free)" if full else repr(error)
+            last = latest_checkpoint(out_dir)
+            then = f"{last}, the last complete checkpoint, is as it was: free some space, then --resume"
+            if last is None:
+                then = "no checkpoint was complete yet: free some space, then rerun with --overwrite"
+            raise SystemExit(f"step {step}: writing the checkpoint {tmp} failed, {why}; {then}.") from error
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():
             final.rename(old)
@@ -797,7 +845,7 @@ def main(cfg: Config) -> dict:
     mode = ("ddp" if cfg.parallel == "auto" else cfg.parallel) if "WORLD_SIZE" in os.environ else "none"
     if mode == "none" and cfg.parallel != "auto":
         raise SystemExit(f"--parallel {cfg.parallel}: launch with torchrun, e.g. "
-                         f"`torchrun --nproc-per-node 2 05_grpo_train.py --parallel {cfg.parallel} ...`; "
+                         f"`torchrun --nproc-per-node 2 05_grpo_train.py -- --parallel {cfg.parallel} ...`; "
                          f"alone, leave --parallel auto.")
     cfg = dataclasses.replace(cfg, device=device)
     run_dir = Path(cfg.runs_dir) / cfg.run
@@ -826,6 +874,8 @@ def main(cfg: Config) -> dict:
     if world > 1:
         dist.barrier()  # torchrun: every rank has read the run folder before rank 0 changes it
     init = cfg.init or str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))
+    if cfg.lora_rank > 0 and not checkpoint:  # before the model loads (a resumed run keeps its adapters)
+        check_lora_targets(cfg, init)
 
     # models: the policy, an optional frozen reference, the frozen CRM. Frozen weights are stored in the
     # compute dtype (bf16 on CUDA); trained weights in fp32 (master weights, bf16 matmuls under autocast):
@@ -882,7 +932,7 @@ def main(cfg: Config) -> dict:
     # torchrun: a sampling seed per rank (seed * N + rank: distinct over ranks and seeds; one process: the
     # seed)
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed * world + rank)
-    start_step = 0
+    start_step, resumed_seconds = 0, 0.0
     if checkpoint:
         state = torch.load(checkpoint / "trainer_state.pt", weights_only=False, map_location="cpu")
         if mode == "fsdp":  # the whole AdamW state, cut to this rank's shards
@@ -900,6 +950,7 @@ def main(cfg: Config) -> dict:
         torch.set_rng_state(mine["torch_rng"])
         start_step = state["step"]
         judged_so_far, new_from = state.get("guard", {}).get("judged", []), state.get("guard", {}).get("new_from", 0)
+        resumed_seconds = mine.get("seconds", 0.0)  # the metric counts on from the checkpoint
         if rank == 0:
             print(f"resumed from {checkpoint} at step {start_step}")
     metrics_path, rollouts_path = out_dir / "metrics.jsonl", out_dir / "rollouts.jsonl"
@@ -916,7 +967,7 @@ def main(cfg: Config) -> dict:
         stage1.write_json_atomic(out_dir / "config.json", run_config)
 
     per_rank = cfg.prompts_per_step // world
-    started, steps_this_run = time.time(), 0
+    started, steps_this_run = time.time() - resumed_seconds, 0
     disagreements = [r["crm_judge_disagreement"] for r in (read_metrics(metrics_path) if rank == 0 else [])
                      if r.get("crm_judge_disagreement") is not None]  # the drift monitor's history
     for step in (bar := tqdm(range(start_step, cfg.steps), desc=f"{cfg.advantage} seed {cfg.seed}",
@@ -1000,7 +1051,8 @@ def main(cfg: Config) -> dict:
                      if cfg.crm_refresh else None)
             save_checkpoint(out_dir, model, processor, optimizer, scheduler, step + 1,
                             {"prompt_rng": prompt_rng.getstate(), "generator": generator.get_state(),
-                             "torch_rng": torch.get_rng_state()}, run_config, guard)
+                             "torch_rng": torch.get_rng_state(), "seconds": time.time() - started},
+                            run_config, guard)
         if cfg.stop_after and steps_this_run >= cfg.stop_after:
             if rank == 0:
                 print(f"stopping after {steps_this_run} steps (--stop-after)")

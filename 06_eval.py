@@ -40,8 +40,8 @@ CUDA (one GPU, which processes would share).
 One process, also after a torchrun training: the checkpoints are whole Hugging Face folders, and the
 defaults sample 800 completions (200 prompts x 4) per checkpoint, as many as 12.5 training steps of
 8 prompts x 8. Split over ranks, each rank would sample with its own random stream and the table would
-change with the number of GPUs. A checkpoint whose weights are not finite is named and skipped; the
-others are evaluated.
+change with the number of GPUs. A checkpoint that does not load (a weights file cut short) or whose weights
+are not finite is named and skipped; the others are evaluated.
 
 --benchmark NAME evaluates every checkpoint on that benchmark's rows (the first --n of the split the
 paper reports, downloaded by `datasets`) instead of the run's test split; IR and CC/CW/IC/IW by the CRM.
@@ -151,12 +151,32 @@ def check_config(cfg: Config) -> dict[str, str]:
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise SystemExit("06_eval.py runs on one process (see its docstring): run it with python, "
                          "not torchrun.")
+    stage1.check_device(cfg.device)
+    for path in checkpoints.values():  # a folder that is not there fails here, not after the others
+        stage1.check_policy("--checkpoints", path)
     return checkpoints
 
 
 def non_finite(model) -> list[str]:
     """Names of the parameters that hold a NaN or an infinity (a checkpoint a diverged run left)."""
     return [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+
+
+def load_error(folder: str, error: Exception) -> str:
+    """Why a checkpoint does not load, naming its weight files that do not read (safetensors checks that a
+    file's header covers the whole file, so one cut short fails here, before any weight is read)."""
+    from safetensors import safe_open
+
+    broken = []
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception as file_error:
+            broken.append(f"{path} is cut short or corrupt ({file_error})")
+    if not broken:
+        return f"{type(error).__name__}: {error}"
+    return "; ".join(broken) + " (copy it again, or rerun the stage-5 run that wrote it)"
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -669,7 +689,14 @@ def main(cfg: Config) -> dict:
     if cfg.benchmark:  # its rows in our columns: image, question, answer + the comparator's
         from adapters import benchmarks
 
-        test = benchmarks.load(cfg.benchmark, cfg.benchmark_split)
+        try:
+            test = benchmarks.load(cfg.benchmark, cfg.benchmark_split)
+        except SystemExit:
+            raise
+        except Exception as error:  # no network and not in the cache, a split it does not have
+            raise SystemExit(f"--benchmark {cfg.benchmark}: cannot load it ({error!r}). `datasets` downloads "
+                             f"it from the hub: run once with a network (then it is cached), or check "
+                             f"--benchmark-split.")
         columns = {"image": "image", "question": "question", "answer": "answer"}
     else:
         data = load_from_disk(str(stage1.require(run_dir / "data", "python 01_sft_rm.py")))
@@ -685,7 +712,13 @@ def main(cfg: Config) -> dict:
 
     per_checkpoint, records, skipped = {}, {}, {}
     for name, path in tqdm(checkpoints.items(), desc="evaluating"):
-        model, processor = stage1.load_policy(path, cfg.device, dtype=dtype)  # a LoRA policy: base + adapter
+        try:
+            # a LoRA policy: base + adapter
+            model, processor = stage1.load_policy(path, cfg.device, dtype=dtype)
+        except Exception as error:  # a weights file cut short (a full disk, a copy that died): skipped too
+            skipped[name] = f"it does not load: {load_error(path, error)}"
+            print(f"\nskipping {name} ({path}): {skipped[name]}")
+            continue
         bad = non_finite(model)
         if bad:  # one diverged run must not stop the evaluation of the others
             skipped[name] = f"{len(bad)} weight tensors hold NaN or inf, e.g. {bad[0]}"

@@ -44,6 +44,19 @@ def check_jsonl_dataset(cfg, path: str) -> None:
         raise SystemExit(f"--dataset {path}: the file holds no rows (one JSON object per line).")
 
 
+def jsonl_lines(cfg, image) -> list[int]:
+    """The lines of a JSONL --dataset whose image is `image` (a row's undecoded image: {"path", "bytes"}), so
+    an error can name the line of the file: a row number is one of the split, shuffled when 5 % is held out.
+    Empty for any other source."""
+    source = str(cfg.dataset)
+    if not (source.endswith(".jsonl") and Path(source).is_file() and isinstance(image, dict)):
+        return []
+    base = Path(source).resolve().parent
+    lines = Path(source).read_text(encoding="utf-8").splitlines()
+    return [number for number, line in enumerate(lines, start=1) if line.strip()
+            and str(base / json.loads(line)[cfg.image_column]) == image.get("path")]
+
+
 def load_real_dataset(cfg):
     """--dataset as a load_from_disk folder, a JSONL file (image paths relative to it), a hub id, or a paper
     benchmark's name (adapters/benchmarks.py: its evaluated split in our columns, 5 % held out to test)."""
@@ -101,8 +114,15 @@ def read_crm_jsonl(path: str) -> list[dict]:
     """Real CRM data: one JSON object per line with question, thinking, answer and label (0/1 or a name)."""
     if not Path(path).is_file():
         raise SystemExit(f"--crm-data {path}: no such file.")
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        number = data.count(b"\n", 0, error.start) + 1
+        raise SystemExit(f"--crm-data {path}, line {number}: byte {data[error.start]:#04x} is not UTF-8 text "
+                         f"({error.reason}); save the file as UTF-8.")
     rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

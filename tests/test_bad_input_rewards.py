@@ -237,6 +237,52 @@ def test_kept_positions_by_hand():
     assert stage1.kept_positions(seq, 2, 11, 2) == list(range(11))
 
 
+def uncut_encoding(tok, pair: dict, max_length: int) -> list[int]:
+    """What encode_pairs keeps of a pair, computed from the whole pair tokenized (slow on a huge one)."""
+    premise, hypothesis = f"{pair['question']} {pair['thinking']}", stage1.crm_hypothesis(pair["answer"])
+    full = tok([premise], [hypothesis], verbose=False)
+    n_question = len(tok(pair["question"], add_special_tokens=False)["input_ids"])
+    keep = stage1.kept_positions(full.sequence_ids(0), n_question, max_length, 64)
+    return [full["input_ids"][0][j] for j in keep]
+
+
+def test_a_ten_million_character_thinking_is_cut_before_tokenizing(tiny_crm):
+    """Its tokenizer took 26 s to encode it, for the 512 tokens kept; what cannot be kept is cut first."""
+    _, tok = tiny_crm
+    huge = {"question": "How many red shapes are there?", "answer": "7",
+            "thinking": "I count the shapes: " + "1, 2, 3, " * 1_111_111 + "So the answer is 7."}
+    started = time.time()
+    ids = stage1.encode_pairs(tok, [huge], "cpu")["input_ids"][0]
+    assert time.time() - started < 5.0
+    assert len(ids) == 512
+    assert tok.decode(ids, skip_special_tokens=True).endswith("So the answer is 7.The final answer is 7.")
+    long = {"thinking": huge["thinking"][-200_000:], "question": "Q " * 9_000, "answer": "数" * 9_000}
+    assert stage1.encode_pairs(tok, [long], "cpu")["input_ids"][0].tolist() == uncut_encoding(tok, long, 512)
+
+
+def test_a_cut_that_would_drop_kept_tokens_is_not_made():
+    """A tokenizer that drops spaces: the last 8,192 characters of this thinking are spaces, no token; the
+    thinking is then encoded whole and its conclusion kept."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    words = "[CLS] [SEP] [PAD] [UNK] how many so the answer is final 7 . ?".split()
+    word_level = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    word_level.normalizer, word_level.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    word_level.post_processor = TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 0), ("[SEP]", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=word_level, cls_token="[CLS]", sep_token="[SEP]",
+                                  pad_token="[PAD]", unk_token="[UNK]")
+    pair = {"question": "how many ?", "thinking": "the answer is 7 . " * 200 + "so the answer is final 7 ." +
+            " " * 100_000, "answer": "7"}
+    assert len(pair["thinking"]) > 128 * stage1.longest_token(tok)  # long enough to cut, were spaces tokens
+    ids = stage1.encode_pairs(tok, [pair], "cpu", max_length=128)["input_ids"][0].tolist()
+    assert ids == uncut_encoding(tok, pair, 128)
+    assert "so the answer is final 7 . [SEP] the final answer is 7 . [SEP]" in tok.decode(ids)
+
+
 def test_a_max_length_with_no_room_for_the_premise_is_refused(tiny_crm):
     _, tok = tiny_crm
     with pytest.raises(ValueError, match="max_length=60 leaves no room"):  # 3 specials + 64 > 60

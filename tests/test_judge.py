@@ -314,3 +314,49 @@ def test_killed_labelling_run_resumes_from_its_cache(server, tmp_path):
     server.requests = []
     again, _ = jd.label_rows(url_judge(server, cache_path=str(cache)), rows)
     assert again == labelled and server.requests == []  # a third run asks nothing
+
+
+# ----------------------------------------------------------------------------- stage 1's check of the judge
+stage1 = load_stage("01_sft_rm.py")
+EMBEDDED = dict(n_train=20, n_test=4, sft_steps=1, sft_batch_size=4, eval_n=2, crm_steps=2, crm_batch_size=8,
+                crm_rollout_prompts=4, crm_rollout_samples=2, device="cpu")
+
+
+@pytest.mark.parametrize("body", [b"<!doctype html><html><body>Welcome to nginx!</body></html>",
+                                  chat("Sure! Here is my analysis of the reasoning.")],
+                         ids=["html-page", "chat-without-verdict"])
+def test_an_endpoint_that_answers_junk_is_refused_before_any_model(server, tmp_path, monkeypatch, body):
+    def fail(*args, **kwargs):
+        pytest.fail("a model was built or loaded before the judge was checked")
+
+    for name in ("load_policy", "load_crm", "build_tiny_policy", "build_tiny_crm", "train_bpe"):
+        monkeypatch.setattr(stage1, name, fail)
+    server.respond = lambda payload, attempt: (200, body, 0.0)
+    cfg = stage1.Config(run="junk", runs_dir=str(tmp_path), judge_url=server.url, judge_model="judge-model",
+                        **EMBEDDED)
+    expected = "with no verdict" if isinstance(body, dict) else "a body that is not a chat completion"
+    with pytest.raises(SystemExit, match=f"--judge-url {server.url} --judge-model judge-model: asked to "
+                                         f"judge one row, it answered .*{expected}"):
+        stage1.main(cfg)
+    assert len(server.requests) == 1 and not (tmp_path / "junk" / "stage1.json").exists()
+
+    server.respond = lambda payload, attempt: (200, chat("Consistent."), 0.0)  # the endpoint fixed
+    stage1.check_judge(cfg, tmp_path / "junk")  # a cached reply without a verdict is not taken: asked again
+    assert len(server.requests) == 2
+
+
+def test_rollouts_with_nothing_to_parse_are_not_blamed_on_the_judge(server, tiny_run, tmp_path):
+    """--max-new-tokens 2 leaves no room for <think>..</think><answer>..</answer>: the judge is asked nothing
+    (but the check) and the error says why, where it used to report an agreement on 0 rows and exit 0."""
+    cfg = stage1.Config(run="short", runs_dir=str(tmp_path), policy=str(tiny_run["dir"] / "policy_sft"),
+                        skip_policy_sft=True, max_new_tokens=2, judge_url=server.url,
+                        judge_model="judge-model", **EMBEDDED)
+    with pytest.raises(SystemExit, match=r"none of the SFT policy's rollouts \(--crm-rollout-prompts 4 x "
+                                         r"--crm-rollout-samples 2\) has a <think>...</think><answer>..."
+                                         r"</answer> to judge within --max-new-tokens 2. Raise"):
+        stage1.main(cfg)
+    assert len(server.requests) == 1 and not (tmp_path / "short" / "stage1.json").exists()
+
+    server.respond = lambda payload, attempt: (200, chat("maybe"), 0.0)
+    with pytest.raises(SystemExit, match="gave no verdict for any of the 3 SFT-policy rollouts"):
+        stage1.judge_rows(cfg, ROWS[:3], tmp_path / "short")

@@ -100,6 +100,14 @@ def test_bad_crm_data_is_named_before_any_model_loads(user, no_models, lines, me
         stage1.main(real(user))
 
 
+def test_a_byte_that_is_not_utf8_in_crm_data_names_the_file_and_line(user, no_models):
+    good = json.dumps({"question": "q", "thinking": "So the answer is 1.", "answer": "1", "label": 1})
+    (user / "judged.jsonl").write_bytes(f"{good}\n{good}\n".encode() + b'{"question": "caf\xe9"}\n')
+    with pytest.raises(SystemExit, match=r"--crm-data .*judged.jsonl, line 3: byte 0xe9 is not UTF-8 text "
+                                         r"\(invalid continuation byte\); save the file as UTF-8"):
+        stage1.main(real(user))
+
+
 def test_missing_crm_data_file(user, no_models):
     with pytest.raises(SystemExit, match=r"--crm-data .*nothing.jsonl: no such file"):
         stage1.main(real(user, crm_data=str(user / "nothing.jsonl")))
@@ -132,6 +140,17 @@ def test_every_image_is_opened_before_any_model_loads(user, no_models):
     rows[17] = {**good_rows(30)[17], "question": "  "}
     write_rows(user / "data.jsonl", rows)
     with pytest.raises(SystemExit, match=r"split '(train|test)', row \d+: column 'question' is empty"):
+        stage1.main(real(user))
+
+
+def test_a_bad_image_names_the_line_of_the_jsonl_file(user, no_models):
+    """The split is shuffled (5 % held out), so its row number is not the file's line: that is named too."""
+    (user / "bad.png").write_text("not an image")
+    rows = good_rows(30)
+    rows[17]["image"] = "bad.png"
+    write_rows(user / "data.jsonl", rows)
+    with pytest.raises(SystemExit, match=r"--dataset .*data.jsonl, line 18: dataset split '(train|test)', "
+                                         r"row \d+: cannot read the image"):
         stage1.main(real(user))
 
 
