@@ -1148,7 +1148,7 @@ def crm_from_rollouts(cfg: Config, started: float) -> dict:
     if unlabelled and judged:  # real runs: the judge, its replies cached (a rerun asks only for the rest)
         from adapters import judge as judges
 
-        labelled, stats = judge_rows(cfg, unlabelled, run_dir)
+        labelled, stats = judge_rows(cfg, unlabelled, run_dir, "RL rollouts")
         summary["judge"] = stats
         if embedded:  # measured against the oracle
             summary["judge"]["agreement"] = judges.agreement(
@@ -1737,9 +1737,11 @@ def make_judge(cfg, cache_path: Path):
                              batch_size=getattr(cfg, "judge_batch_size", 16))
 
 
-def judge_rows(cfg: Config, rows: list[dict], run_dir: Path) -> tuple[list[dict], dict]:
+def judge_rows(cfg: Config, rows: list[dict], run_dir: Path,
+               what: str = "SFT-policy rollouts") -> tuple[list[dict], dict]:
     """Rows labelled by the LLM judge (make_judge; a URL judge's replies cached in runs/<run>/judge_cache.jsonl).
-    Unparseable verdicts are counted in the stats and dropped (adapters/judge.py)."""
+    Unparseable verdicts are counted in the stats and dropped (adapters/judge.py); `what` the rows are, for the
+    error when none gets a verdict."""
     from adapters import judge as judges
 
     if not rows:  # the judge was never asked: the policy's rollouts held nothing to parse
@@ -1751,7 +1753,7 @@ def judge_rows(cfg: Config, rows: list[dict], run_dir: Path) -> tuple[list[dict]
     labelled, stats = judges.label_rows(make_judge(cfg, run_dir / "judge_cache.jsonl"), rows)
     if not labelled:  # else an embedded run reports an agreement on 0 rows, a real one a CRM with no data
         raise SystemExit(f"the judge ({cfg.judge or cfg.judge_model}) gave no verdict for any of the "
-                         f"{len(rows)} rollouts: no reply held consistent or inconsistent "
+                         f"{len(rows)} {what}: no reply held consistent or inconsistent "
                          f"(adapters/judge.py, parse_verdict). Check what it replies to judge_prompt.")
     return labelled, stats
 

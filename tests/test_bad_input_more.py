@@ -40,7 +40,7 @@ def no_models(monkeypatch):
 
 def small(run_copy, **overrides):
     base = dict(run="tiny", runs_dir=str(run_copy.parent), steps=2, prompts_per_step=2, group_size=2,
-                max_new_tokens=8, checkpoint_every=1, sample_every=100, device="cpu")
+                max_new_tokens=8, checkpoint_every=1, save_rollouts_every=100, device="cpu")
     return stage5.Config(**{**base, **overrides})
 
 
