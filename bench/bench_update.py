@@ -1,9 +1,9 @@
 """Update speed: stage 5's forward + backward with each prompt run once per group, against once per row.
 
 GRPO samples G completions per prompt, so a micro-batch of N = B * G rows holds B distinct prompts. The
-update can run every row's prompt (stage1.completion_logprobs on repeated prompts: --repeat-prompts) or each
-prompt once and the G completions on copies of its keys and values (05_grpo_train.shared_prompt_logprobs, the
-default). Both give the same log-probs and gradients (tests/test_shared_prompt.py); this times them on the
+update can run every row's prompt (stage1.completion_logprobs on repeated prompts: stage5.SHARE_PROMPTS False)
+or each prompt once and the G completions on copies of its keys and values
+(05_grpo_train.shared_prompt_logprobs, the default). Both give the same log-probs and gradients (tests/test_shared_prompt.py); this times them on the
 same batch: B prompts x G completions of a fixed length (every token real, so the work is equal), one forward
 and one backward of the token-mean of the log-probs, best of --repeats after a warm-up. The model is built
 from a config with random weights (speed does not depend on the values): `--shape tiny` is the embedded
@@ -65,8 +65,8 @@ def main() -> None:
     P = prompt["input_ids"].shape[1]
     rows = []
     for repeat_prompts in (True, False):
-        cfg = stage5.Config(group_size=args.group_size, micro_batch_size=ids.shape[0], device=device,
-                            repeat_prompts=repeat_prompts)
+        stage5.SHARE_PROMPTS = not repeat_prompts
+        cfg = stage5.Config(group_size=args.group_size, micro_batch_size=ids.shape[0], device=device)
         forward_backward(cfg, model, prompt, ids, mask)  # warm-up
         seconds = min(bench_rollout.timed(lambda: forward_backward(cfg, model, prompt, ids, mask), device)
                       for _ in range(args.repeats))

@@ -91,7 +91,8 @@ def run(setting: dict, device: str, steps: int, new_tokens: int, dtype_flag: str
     stage5.enable_checkpointing(model)
     reference = None
     if cfg.kl_beta > 0 and not lora:
-        reference = memory_plan.random_model(setting["shape"], device, dtype)[0].requires_grad_(False)
+        reference = stage5.LogProbs(  # the frozen copy's update forward
+            memory_plan.random_model(setting["shape"], device, dtype)[0].requires_grad_(False))
     crm, crm_tokenizer = memory_plan.random_model("crm", device, dtype)
     optimizer = torch.optim.AdamW(stage5.trainable_parameters(model), lr=cfg.lr, fused=device == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)

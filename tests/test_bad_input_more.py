@@ -185,7 +185,7 @@ def test_the_seconds_metric_goes_on_after_a_resume(run_copy, monkeypatch):
         return now[0]
 
     monkeypatch.setattr(stage5, "time", types.SimpleNamespace(time=clock))
-    stage5.main(small(run_copy, name="timed", stop_after=1))  # 100 s at step 1, checkpoint at 200 s
+    stage5.main(small(run_copy, name="timed"), stop_after=1)  # 100 s at step 1, checkpoint at 200 s
     stage5.main(small(run_copy, name="timed", resume=True))
     seconds = [r["seconds"] for r in stage1.read_jsonl(run_copy / "timed" / "metrics.jsonl")]
     assert seconds == [100.0, 300.0]  # 200 s before the checkpoint, 100 s after the resume

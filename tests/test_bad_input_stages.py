@@ -164,7 +164,7 @@ def test_stage5_resume_without_a_checkpoint_is_an_error(run_copy):
 
 
 def test_stage5_refuses_to_erase_or_mix_runs_and_drops_a_cut_metrics_line(run_copy, capsys):
-    stage5.main(small(run_copy, stop_after=1))  # "killed" after step 1, its checkpoint written
+    stage5.main(small(run_copy), stop_after=1)  # "killed" after step 1, its checkpoint written
     metrics = run_copy / "guarded" / "metrics.jsonl"
     logged = metrics.read_text()
     with pytest.raises(SystemExit, match=r"guarded already holds a run \(metrics.jsonl, checkpoint\): pass --resume "

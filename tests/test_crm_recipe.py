@@ -142,7 +142,7 @@ def test_audit_feeds_the_drift_monitor_and_the_guard_and_both_resume_exactly(grp
                     judge_url=server.url, judge_model="judge", crm_refresh=True, drift_warn=0.0,
                     crm_refresh_steps=3, crm=str(grpo_run / "crm"), device="cpu")
         stage5.main(stage5.Config(name="guard", **base))
-        stage5.main(stage5.Config(name="guard_killed", stop_after=3, **base))  # checkpoint at step 2
+        stage5.main(stage5.Config(name="guard_killed", **base), stop_after=3)  # checkpoint at step 2
         stage5.main(stage5.Config(name="guard_killed", resume=True, **base))
     finally:
         server.close()

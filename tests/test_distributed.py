@@ -64,7 +64,7 @@ def two_rank_runs(runs_dir: str) -> None:
         print(f"two ranks, {name}: {time.time() - started:.1f} s", flush=True)
     stage2.sampler = real_sampler  # the resume runs sample as stage 5 does: a seed per rank
     stage5.main(stage5.Config(**RESUME, runs_dir=runs_dir, name="fsdp_straight"))
-    stage5.main(stage5.Config(**RESUME, runs_dir=runs_dir, name="fsdp_killed", stop_after=3))  # checkpoint at 2
+    stage5.main(stage5.Config(**RESUME, runs_dir=runs_dir, name="fsdp_killed"), stop_after=3)  # checkpoint at 2
     stage5.main(stage5.Config(**RESUME, runs_dir=runs_dir, name="fsdp_killed", resume=True))
 
 

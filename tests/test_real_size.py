@@ -131,7 +131,7 @@ def test_lora_trains_only_adapters_and_its_reference_is_the_initial_policy(tiny_
 
 def test_lora_resume_equals_an_uninterrupted_run(tiny_run):
     stage5.main(lora_config(tiny_run, name="lora_straight", steps=3, kl_beta=0.0))
-    stage5.main(lora_config(tiny_run, name="lora_killed", steps=3, kl_beta=0.0, stop_after=2))
+    stage5.main(lora_config(tiny_run, name="lora_killed", steps=3, kl_beta=0.0), stop_after=2)
     stage5.main(lora_config(tiny_run, name="lora_killed", steps=3, kl_beta=0.0, resume=True))
     a = stage1.load_policy(str(tiny_run["dir"] / "lora_straight" / "policy"), "cpu")[0].state_dict()
     b = stage1.load_policy(str(tiny_run["dir"] / "lora_killed" / "policy"), "cpu")[0].state_dict()

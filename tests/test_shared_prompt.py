@@ -70,7 +70,7 @@ def test_shared_prompt_equals_one_prompt_per_row(policy, rows, frozen_tower):
         assert torch.allclose(grads_a[name], grads_b[name], rtol=0, atol=1e-5 * float(scale)), name
 
 
-def test_update_with_and_without_prompt_sharing_gives_the_same_weights(tiny_run):
+def test_update_with_and_without_prompt_sharing_gives_the_same_weights(tiny_run, monkeypatch):
     """One whole update (micro-batches of 4 rows: groups cut in two) from the same samples, both ways. Plain SGD:
     AdamW's first step is lr * sign(gradient), which turns a 1e-12 difference in a ~0 gradient into 2 * lr."""
     results = []
@@ -81,7 +81,8 @@ def test_update_with_and_without_prompt_sharing_gives_the_same_weights(tiny_run)
         with torch.no_grad():
             old = stage1.completion_logprobs(model, stage5.prompt_rows(prompt, [r // G for r in range(3 * G)]),
                                              ids, mask)
-        cfg = stage5.Config(group_size=G, micro_batch_size=4, repeat_prompts=not share, device="cpu", lr=1.0)
+        monkeypatch.setattr(stage5, "SHARE_PROMPTS", share)
+        cfg = stage5.Config(group_size=G, micro_batch_size=4, device="cpu", lr=1.0)
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)  # weights move by the (clipped) gradient
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
         stats = stage5.update(cfg, model, None, optimizer, scheduler, prompt, ids, mask, old,

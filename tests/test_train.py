@@ -56,7 +56,7 @@ def small_train_config(tiny_run, **overrides):
 
 def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tiny_run):
     stage5.main(small_train_config(tiny_run, name="straight"))
-    stage5.main(small_train_config(tiny_run, name="killed", stop_after=3))  # "killed" after step 3; checkpoint at 2
+    stage5.main(small_train_config(tiny_run, name="killed"), stop_after=3)  # "killed" after step 3; checkpoint at 2
     assert json.loads((tiny_run["dir"] / "killed" / "checkpoint" / "config.json").read_text())
     stage5.main(small_train_config(tiny_run, name="killed", resume=True))
     a = stage1.load_policy(str(tiny_run["dir"] / "straight" / "policy"), "cpu")[0].state_dict()
