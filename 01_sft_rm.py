@@ -2,13 +2,14 @@
 
 Reading guide: the file reads top to bottom as the lesson. Config (every knob, one line each), then
   1. parsing and the rule oracle   what "consistent" means: steps -> conclusion -> answer (oracle_parts)
-  2. precision, loading, log-probs one dtype rule; the policy and the CRM through the Auto classes;
-                                   log p(y_t | image, q, y_<t) of a completion
+  2. precision and log-probs       one dtype rule; log p(y_t | image, q, y_<t) of a completion
   3. policy SFT                    fit (the supervised loop of both models), sft_policy, greedy_check
   4. CRM data and training         oracle-labelled pairs, the policy's own rollouts, train_crm, crm_scores
   5. main()                        the stage in order, with the numbers it prints
-Appendix A (the embedded toy world: drawing the tasks, the BPE, the tiny models) and Appendix B (atomic files,
-the command line, real datasets checked row by row, the CRM tried before SFT, the LLM judge's plumbing) hold
+  6. crm_from_rollouts()           the paper's recipe, after stage 5's GRPO runs: a CRM of their rollouts
+Appendix A (the embedded toy world: drawing the tasks, the BPE, the tiny models), Appendix B (atomic files,
+the command line, real datasets checked row by row, the CRM tried before SFT, the LLM judge's plumbing) and
+Appendix C (loading models and encoding inputs, cutting long CRM pairs, the flags' checks, the reports) hold
 what a run needs but the lesson does not: skip them on a first reading. Loading real datasets and judged CRM
 data is in adapters/real_data.py.
 
@@ -132,63 +133,14 @@ class Config:
     crm_rollout_samples: int = 4  # rollouts per prompt
     crm_rollout_temperature: float = 1.3  # their temperature (above 1: more drifted text)
     # the paper's recipe: a CRM trained on rollouts sampled during GRPO training (stage 5 saves them)
-    crm_rollouts: str | None = None  # stage 5's rollouts.jsonl files (comma list, * globs): train only a CRM on them
-    crm_out: str = "crm_rl"  # with --crm-rollouts: its folder, runs/<run>/<crm_out>/ (stages 5 and 6 prefer it)
+    crm_rollouts: str | None = None  # stage 5's rollouts.jsonl (comma list, globs): train only a CRM on them
+    crm_out: str = "crm_rl"  # with --crm-rollouts: its folder runs/<run>/<crm_out>/ (stages 5, 6 prefer it)
     # an LLM judge for the CRM's data (adapters/judge.py): real data without --crm-data needs one
     judge: str | None = None  # hub id / folder of a local instruct model that labels the rollouts
     judge_url: str | None = None  # or an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1
     judge_model: str | None = None  # the model name to ask at --judge-url
     judge_api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the endpoint's key
     judge_batch_size: int = 16  # prompts per generate call of a local judge
-
-
-def check_config(cfg: Config) -> None:
-    """Refuse flags that cannot work, each error naming the flag and the fix, before anything is read."""
-    compute_dtype(cfg.device, cfg.dtype)  # --dtype: auto, bf16 or fp32
-    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit(f"--device {cfg.device}: CUDA is not available here; pass --device cpu.")
-    embedded, judged = cfg.dataset is None, bool(cfg.judge or cfg.judge_url)
-    minimum = [("--sft-batch-size", cfg.sft_batch_size, 1), ("--warmup-steps", cfg.warmup_steps, 0),
-               ("--eval-n", cfg.eval_n, 1), ("--max-new-tokens", cfg.max_new_tokens, 1),
-               ("--crm-steps", cfg.crm_steps, 1), ("--crm-batch-size", cfg.crm_batch_size, 1),
-               ("--crm-max-length", cfg.crm_max_length, 65),  # the answer alone may take 64 (encode_pairs)
-               ("--crm-rollout-prompts", cfg.crm_rollout_prompts, 1 if judged else 0),  # a judge needs rows
-               ("--crm-rollout-samples", cfg.crm_rollout_samples, 1),
-               ("--judge-batch-size", cfg.judge_batch_size, 1),
-               ("--max-pixels", cfg.max_pixels, 56 * 56)]  # the processor's smallest image: 56 x 56
-    minimum += [("--sft-steps", cfg.sft_steps, 1)] * (not cfg.skip_policy_sft)
-    minimum += [("--n-train", cfg.n_train, 1), ("--n-test", cfg.n_test, 1)] * embedded
-    for flag, value, least in minimum:
-        if value < least:
-            fix = " (or pass --skip-policy-sft)" if flag == "--sft-steps" else ""
-            raise SystemExit(f"{flag} {value}: must be at least {least}{fix}.")
-    for flag, value in [("--sft-lr", cfg.sft_lr), ("--crm-lr", cfg.crm_lr),
-                        ("--crm-rollout-temperature", cfg.crm_rollout_temperature)]:
-        if not (math.isfinite(value) and value > 0):
-            raise SystemExit(f"{flag} {value}: must be a finite number above 0.")
-    if embedded and not cfg.skip_policy_sft and cfg.sft_batch_size > cfg.n_train:
-        raise SystemExit(f"--sft-batch-size {cfg.sft_batch_size}: more than the {cfg.n_train} training tasks "
-                         f"(--n-train); pass at most {cfg.n_train}.")
-    if not 0 <= cfg.inconsistent_frac <= 1:
-        raise SystemExit(f"--inconsistent-frac {cfg.inconsistent_frac}: must be a share between 0 and 1.")
-    if embedded and (cfg.image_size % 28 or cfg.image_size < 56):
-        raise SystemExit(f"--image-size {cfg.image_size}: must be a multiple of 28, "
-                         f"at least 56 (default 84).")
-    if cfg.judge and cfg.judge_url:
-        raise SystemExit("--judge and --judge-url both name a judge: pass one of them.")
-    if bool(cfg.judge_url) != bool(cfg.judge_model):
-        raise SystemExit("--judge-url and --judge-model go together: "
-                         "the endpoint and the model to ask there.")
-    if judged and cfg.crm_data:
-        raise SystemExit("--crm-data is already labelled: "
-                         "pass it or a judge (--judge, --judge-url), not both")
-    if not embedded and not cfg.crm_data and not judged:  # say so now, not after an hour of policy SFT
-        raise SystemExit("--dataset is real data, so the CRM needs --crm-data (a JSONL of question, "
-                         "thinking, answer, label rows, e.g. judged rollouts) or a judge to label the "
-                         "policy's rollouts (--judge MODEL, or --judge-url URL --judge-model NAME).")
-    if not embedded and not cfg.skip_policy_sft and not cfg.target_column:
-        raise SystemExit("policy SFT on real data needs completions: pass --target-column (a column of "
-                         "<think>...</think><answer>...</answer> texts), or --skip-policy-sft.")
 
 
 # ----------------------------------------------- 1. parsing and the rule oracle
@@ -343,7 +295,7 @@ def oracle_consistent(think: str | None, answer: str | None) -> bool:
     return parts["steps"] and parts["answer"]
 
 
-# ------------------------------------------ 2. precision, loading and log-probs
+# ------------------------------------------ 2. precision and log-probs (loading and encoding: Appendix C)
 def compute_dtype(device: str, dtype: str = "auto") -> torch.dtype:
     """The one precision rule of every stage: the dtype models compute in.
 
@@ -366,112 +318,6 @@ def autocast(device: str, dtype: torch.dtype):
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=str(device).split(":")[0], dtype=dtype)
-
-
-def load_policy(name_or_path: str, device: str, max_pixels: int | None = None, dtype=torch.float32,
-                trainable: bool = False):
-    """(model, processor) through the Auto classes, exactly as a hub checkpoint loads.
-
-    A folder with adapter_config.json is a LoRA policy saved by stage 5 (base + adapter): its base is
-    loaded first, then the adapter through peft (trainable or frozen).
-    """
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(name_or_path)
-    image_processor = processor.image_processor
-    if max_pixels:  # cap the visual tokens: a 448x448 image is 256 of them after the 2x2 merge
-        size = image_processor.size
-        image_processor.size = {"shortest_edge": size.shortest_edge,
-                                "longest_edge": min(size.longest_edge, max_pixels)}
-    for old_name in ("min_pixels", "max_pixels"):  # legacy copies of `size` that transformers 5 warns about
-        if getattr(image_processor, old_name, None) is not None:
-            setattr(image_processor, old_name, None)
-    processor.tokenizer.padding_side = "left"  # prompts are left-padded so completions start together
-    adapter_config = Path(name_or_path) / "adapter_config.json"
-    if adapter_config.exists():
-        from peft import PeftModel
-
-        base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
-        model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype).to(device)
-        model = PeftModel.from_pretrained(model, name_or_path, is_trainable=trainable)
-    else:
-        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype).to(device)
-    return model, processor
-
-
-CRM_LABELS = {0: "inconsistent", 1: "consistent"}
-
-
-def load_crm(name_or_path: str, device: str, dtype=torch.float32):
-    """(classifier, tokenizer). A bare backbone gets a fresh 2-way head (consistent / inconsistent).
-
-    The tokenizer's pad id is the one the model uses: a decoder classifier (Llama, Qwen, Mistral) reads the
-    last token that is not the config's pad_token_id, so a config pad id other than the tokenizer's makes it
-    read a pad position in a padded batch (a pair scores one thing batched, another alone). A tokenizer
-    without a pad token (Llama-3, Mistral) gets its eos, else its unk, else the token of id 0. With right
-    padding (encode_pairs) that choice changes no score: real tokens never attend to the pads after them, and
-    the token read is the last one before the pads (before a trailing eos equal to the pad, batched or alone).
-    """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
-    tokenizer.padding_side = "right"
-    model = AutoModelForSequenceClassification.from_pretrained(
-        name_or_path, num_labels=2, id2label=CRM_LABELS, label2id={v: k for k, v in CRM_LABELS.items()},
-        dtype=dtype)
-    model.config.pad_token_id = model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
-    return model.to(device), tokenizer
-
-
-def stop_token_ids(processor) -> list[int]:
-    """Every id that ends a reply (Qwen has several: <|im_end|> and <|endoftext|>)."""
-    tok = processor.tokenizer
-    ids = {tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} | {tok.eos_token_id}
-    return sorted(i for i in ids if i is not None and i != tok.unk_token_id)
-
-
-INSTRUCTION = (" Think step by step inside <think></think>, "
-               "then give the final answer inside <answer></answer>.")
-
-
-def encode_prompts(processor, images: list, questions: list[str]) -> dict:
-    """Chat-formatted, left-padded prompts with their images: the policy's input for one batch."""
-    messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q + INSTRUCTION}]}]
-                for q in questions]
-    texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
-    batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
-    return dict(batch)
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def encode_completions(processor, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Completion texts (+ <|im_end|>) as right-padded ids (B, L) and their mask (B, L)."""
-    tok = processor.tokenizer
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    rows = [tok(t, add_special_tokens=False)["input_ids"] + [end] for t in texts]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
-    return ids.to(device), mask.to(device)
-
-
-def unwrap(model):
-    """The transformers model inside a peft wrapper (LoRA layers sit inside it, so its forward runs them)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def image_features(model, prompt: dict) -> list[torch.Tensor]:
-    """The vision tower's output for each prompt's image: B tensors (n_b, H), n_b its visual tokens."""
-    out = unwrap(model).model.get_image_features(prompt["pixel_values"], prompt["image_grid_thw"])
-    # transformers < 5.20 returns the list itself
-    return list(out.pooler_output if hasattr(out, "pooler_output") else out)
 
 
 def chunk_logprobs(lm_head, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -767,62 +613,6 @@ def held_out_split(pairs: list[dict], seed: int) -> tuple[list[dict], list[dict]
     return pairs[n_held:], pairs[:n_held]
 
 
-def kept_positions(sequence_ids: list[int | None], n_question: int, max_length: int,
-                   max_hypothesis_tokens: int) -> list[int]:
-    """The positions of one encoded pair to keep, at most max_length of them; every special token stays.
-
-    sequence_ids: per position None (special token), 0 (premise) or 1 (hypothesis). The hypothesis keeps
-    its first max_hypothesis_tokens. A premise too long for the room left keeps its first
-    min(n_question, room // 2) tokens (the question) and fills the rest from its end (the end of the
-    thinking, where the conclusion sits).
-
-    Example: [None, 0, 0, 0, 0, 0, 0, None, 1, 1, None], n_question 2, max_length 8, max_hypothesis_tokens 1:
-             hypothesis [8]; room 8 - 3 specials - 1 = 4 for 6 premise tokens: the first 2 and the last 2
-             -> [0, 1, 2, 5, 6, 7, 8, 10].
-    """
-    special = [j for j, s in enumerate(sequence_ids) if s is None]
-    premise = [j for j, s in enumerate(sequence_ids) if s == 0]
-    hypothesis = [j for j, s in enumerate(sequence_ids) if s == 1][:max_hypothesis_tokens]
-    room = max_length - len(special) - len(hypothesis)
-    if len(premise) > room:
-        head = min(n_question, room // 2)
-        premise = premise[:head] + premise[len(premise) - (room - head):]
-    return sorted(special + premise + hypothesis)
-
-
-def crm_max_length(tokenizer) -> int:
-    """The CRM's tokens per pair when no --crm-max-length is given: its tokenizer's model_max_length, which
-    stage 1 sets to --crm-max-length when it saves the CRM (so stages 3, 5 and 6 read what it trained with);
-    512 when the tokenizer states no limit (transformers' placeholder is ~1e30)."""
-    limit = tokenizer.model_max_length
-    return int(limit) if limit and limit < 1_000_000 else 512
-
-
-@functools.lru_cache(maxsize=8)
-def longest_token(tokenizer) -> int:
-    """The most characters a token of the vocabulary spells: no token covers more of a text."""
-    return max(map(len, tokenizer.get_vocab()))
-
-
-def cut_to_fit(tokenizer, pair: dict, max_length: int) -> dict:
-    """The pair with each text cut, before tokenizing, where none of its tokens could be kept: the question
-    and the answer keep their start, the thinking its end (what encode_pairs keeps). A text of more than
-    max_length x longest_token characters has more than max_length tokens; a cut that leaves fewer (a
-    normalizer that drops characters, e.g. one that collapses runs of spaces) is not made.
-    Why: a tokenizer takes seconds to encode a 10-million-character thinking, of which 512 tokens are kept.
-
-    Example: longest token 16 characters, max_length 512: a thinking of 10**7 characters keeps its last 8,192.
-    """
-    cut, limit = dict(pair), max_length * longest_token(tokenizer)
-    for key, keep_end in [("question", False), ("thinking", True), ("answer", False)]:
-        text = str(pair[key])
-        if len(text) > limit:
-            short = text[-limit:] if keep_end else text[:limit]
-            if len(tokenizer(short, add_special_tokens=False, verbose=False)["input_ids"]) >= max_length:
-                cut[key] = short
-    return cut
-
-
 def encode_pairs(tokenizer, pairs: list[dict], device, max_length: int | None = None,
                  max_hypothesis_tokens: int = 64) -> dict:
     """premise = question + thinking, hypothesis = 'The final answer is {a}.', at most max_length tokens a
@@ -883,77 +673,6 @@ def crm_scores(crm, tokenizer, pairs: list[dict], device, batch_size: int = 64,
         logits = crm(**batch).logits.float()  # (B, 2)
         probs += torch.softmax(logits, dim=-1)[:, consistent].tolist()
     return probs
-
-
-def classification_report(probs: list[float], labels: list[int]) -> dict:
-    """Accuracy and F1 of the 'consistent' class at threshold 0.5."""
-    predicted = [p >= 0.5 for p in probs]
-    tp = sum(p and y for p, y in zip(predicted, labels))
-    fp = sum(p and not y for p, y in zip(predicted, labels))
-    fn = sum((not p) and y for p, y in zip(predicted, labels))
-    accuracy = sum(p == bool(y) for p, y in zip(predicted, labels)) / max(1, len(labels))
-    return {"accuracy": accuracy, "f1": 2 * tp / max(1, 2 * tp + fp + fn), "n": len(labels)}
-
-
-def step_pairs_report(probs: list[float], pairs: list[dict], train_pairs: list[dict]) -> dict:
-    """The CRM on the held-out step-conclusion pairs (step_conclusion_pairs): accuracy and F1, the accuracy on
-    each task family, and the share of these (question, thinking, answer) texts that also occur among the
-    training pairs (the embedded templates are few, so a held-out task's text often repeats a training
-    one)."""
-    report = classification_report(probs, [p["label"] for p in pairs])
-    for family in ("count", "bars"):
-        in_family = [i for i, p in enumerate(pairs) if p["family"] == family]
-        family_report = classification_report([probs[i] for i in in_family],
-                                              [pairs[i]["label"] for i in in_family])
-        report[f"accuracy_{family}"] = family_report["accuracy"] if in_family else None
-    seen = {(p["question"], p["thinking"], p["answer"]) for p in train_pairs}
-    in_training = sum((p["question"], p["thinking"], p["answer"]) in seen for p in pairs)
-    return {**report, "seen_in_training": in_training / max(1, len(pairs))}
-
-
-def rollouts_report(probs: list[float], rollouts: dict) -> dict:
-    """The CRM on the held-out SFT-policy rollouts (oracle labels), and why the inconsistent ones are so: how
-    many fail the steps link, the answer link, both (oracle_parts), and the share of those that fail the steps
-    link alone (the answer equals the conclusion) that the CRM flags (P(consistent) < 0.5); None when none."""
-    test = rollouts["test"]
-    report = classification_report(probs, [p["label"] for p in test])
-    links = [oracle_parts(p["thinking"], p["answer"]) for p in test]
-    steps_only = [prob for prob, link in zip(probs, links) if not link["steps"] and link["answer"]]
-    return {**report, "n_train": len(rollouts["train"]),
-            "consistent_share": sum(p["label"] for p in test) / max(1, len(test)),
-            "steps_link_fails": sum(not link["steps"] for link in links),
-            "answer_link_fails": sum(not link["answer"] for link in links),
-            "both_links_fail": sum(not link["steps"] and not link["answer"] for link in links),
-            "steps_only": len(steps_only),
-            "crm_catches_steps_only": (sum(p < 0.5 for p in steps_only) / len(steps_only)
-                                       if steps_only else None)}
-
-
-def read_rollouts(patterns: str) -> list[dict]:
-    """The rows of stage 5's rollouts.jsonl files (--crm-rollouts: a comma list, each may hold * globs) as
-    {question, thinking, answer, row, seed, method, step} (+ label when a file has one), the rollouts with
-    nothing to parse left out (they get r_cons = 0 without the CRM). Rows in the --crm-data form (thinking
-    and answer instead of text) are read too. Every pattern must match a file, every row have its fields."""
-    import glob
-
-    rows = []
-    for pattern in (p.strip() for p in patterns.split(",") if p.strip()):
-        paths = sorted(glob.glob(pattern))
-        if not paths:
-            raise SystemExit(f"--crm-rollouts {pattern}: no such file. Stage 5 writes "
-                             f"runs/<run>/<name>/rollouts.jsonl (e.g. python 05_grpo_train.py --advantage grpo).")
-        for path in paths:
-            for number, row in enumerate(read_jsonl(Path(path), drop_cut_last_line=True), start=1):
-                if not (isinstance(row, dict) and "question" in row and ("text" in row or "thinking" in row)):
-                    raise SystemExit(f"--crm-rollouts {path}, line {number}: expected a question and a text "
-                                     f"(stage 5's rollouts.jsonl) or a thinking and an answer.")
-                think, answer = (parse_completion(str(row["text"])) if "text" in row
-                                 else (row["thinking"], row.get("answer")))
-                if think is None or answer is None:
-                    continue
-                rows.append({"question": str(row["question"]), "thinking": str(think), "answer": str(answer),
-                             **{k: row[k] for k in ("row", "seed", "method", "step", "label") if k in row}})
-    return rows
 
 
 def split_by_prompt(rows: list[dict], seed: int, share: float = 0.05) -> tuple[list[dict], list[dict]]:
@@ -1075,45 +794,11 @@ def main(cfg: Config) -> dict:
     write_json_atomic(new / "stage1.json", summary)
     replace_run(run_dir, new)  # only now does the new run replace the previous finished one
 
-    check = summary["policy_check"]
-    print(f"\npolicy after SFT (greedy, {check['n']} test prompts): format {check['format_rate']:.1%}, "
-          f"accuracy {check['accuracy']:.1%}")
-    if embedded:
-        links = "n/a (nothing parsed)"
-        if check["oracle_steps_fail_rate"] is not None:
-            links = (f"steps {check['oracle_steps_fail_rate']:.1%}, "
-                     f"answer {check['oracle_answer_fail_rate']:.1%} of the parsed replies")
-        print(f"  oracle inconsistency rate {check['oracle_inconsistency_rate']:.1%}; "
-              f"links that fail: {links}")
-    print(f"  e.g. {check['example']!r}")
-    if "judge" in summary:
-        j = summary["judge"]
-        print(f"judge {j['judge']}: {j['labelled']} of {j['rows']} SFT-policy rollouts labelled "
-              f"({j['consistent']} consistent), {j['unparseable']} unparseable verdicts dropped "
-              f"-> {run_dir / 'crm_data.jsonl'}")
-        if "agreement" in j:
-            a = j["agreement"]
-            print(f"  agreement with the rule oracle: accuracy {a['accuracy']:.1%} on {a['n']} "
-                  f"(tp {a['tp']}, fp {a['fp']}, fn {a['fn']}, tn {a['tn']}; positive = consistent)")
-    print(f"CRM on {report['n']} held-out pairs: accuracy {report['accuracy']:.1%}, F1 {report['f1']:.3f}")
-    if "crm_on_step_pairs" in summary:
-        s = summary["crm_on_step_pairs"]
-        print(f"CRM on {s['n']} held-out step-conclusion pairs (answer = conclusion; half of them with "
-              f"steps that disagree): accuracy {s['accuracy']:.1%}, F1 {s['f1']:.3f}")
-        print(f"  count {s['accuracy_count']:.1%}, bars {s['accuracy_bars']:.1%}; "
-              f"{s['seen_in_training']:.0%} of these texts also occur among the training pairs")
-    if "crm_on_policy_rollouts" in summary:
-        r = summary["crm_on_policy_rollouts"]
-        caught = "n/a" if r["crm_catches_steps_only"] is None else f"{r['crm_catches_steps_only']:.1%}"
-        print(f"CRM on {r['n']} held-out SFT-policy rollouts (oracle labels, {r['consistent_share']:.0%} "
-              f"consistent): accuracy {r['accuracy']:.1%}, F1 {r['f1']:.3f}")
-        print(f"  inconsistent by the oracle's links: steps {r['steps_link_fails']}, answer "
-              f"{r['answer_link_fails']} (both {r['both_links_fail']}); the CRM flags {caught} of the "
-              f"{r['steps_only']} whose steps alone fail")
-    print(f"wrote {run_dir}/{{data,policy_sft,crm,stage1.json}} in {summary['seconds']:.0f} s")
+    print_summary(summary, run_dir, embedded)
     return summary
 
 
+# -------------------------------------------------- 6. the paper's recipe: the CRM of RL rollouts
 def crm_from_rollouts(cfg: Config, started: float) -> dict:
     """The paper's recipe, after stage 5 has run GRPO: a CRM trained on the rollouts sampled during that
     training (--crm-rollouts), each judged (the rule oracle on the embedded tasks, --judge / --judge-url on
@@ -1135,8 +820,8 @@ def crm_from_rollouts(cfg: Config, started: float) -> dict:
     unlabelled = [r for r in rows if "label" not in r]
     if unlabelled and not embedded and not judged:
         raise SystemExit(f"--crm-rollouts {cfg.crm_rollouts}: {len(unlabelled)} rollouts have no label, and "
-                         f"only the embedded tasks have an oracle: pass a judge (--judge MODEL, or --judge-url "
-                         f"URL --judge-model NAME) to label them.")
+                         f"only the embedded tasks have an oracle: pass a judge (--judge MODEL, or "
+                         f"--judge-url URL --judge-model NAME) to label them.")
     crm_rows = real_data.read_crm_jsonl(cfg.crm_data) if cfg.crm_data else []
     crm_path = cfg.crm or stage1_config["crm"] or (str(run_dir / "crm_init") if embedded
                                                    else "answerdotai/ModernBERT-large")
@@ -1151,8 +836,8 @@ def crm_from_rollouts(cfg: Config, started: float) -> dict:
         labelled, stats = judge_rows(cfg, unlabelled, run_dir, "RL rollouts")
         summary["judge"] = stats
         if embedded:  # measured against the oracle
-            summary["judge"]["agreement"] = judges.agreement(
-                [r["label"] for r in labelled], [int(oracle_consistent(r["thinking"], r["answer"])) for r in labelled])
+            oracle = [int(oracle_consistent(r["thinking"], r["answer"])) for r in labelled]
+            summary["judge"]["agreement"] = judges.agreement([r["label"] for r in labelled], oracle)
         rows = [r for r in rows if "label" in r] + labelled
     else:  # embedded: the rule oracle judges
         rows = [r if "label" in r else {**r, "label": int(oracle_consistent(r["thinking"], r["answer"]))}
@@ -1176,18 +861,20 @@ def crm_from_rollouts(cfg: Config, started: float) -> dict:
         summary["crm_on_held_out_rollouts"] = {**report, "steps_only": 0, "crm_catches_steps_only": None}
     else:
         summary["crm_on_held_out_rollouts"] = rollouts_report(probs, {"train": train_rows, "test": test_rows})
-        summary["crm_on_held_out_rollouts"]["by_method"] = {
-            method: rollouts_report([p for p, r in zip(probs, test_rows) if r.get("method") == method],
-                                    {"train": [], "test": [r for r in test_rows if r.get("method") == method]})
-            for method in sorted({str(r.get("method")) for r in test_rows})}
+        by_method = {}  # the held-out rollouts of each method's runs apart
+        for method in sorted({r.get("method", "") for r in test_rows}):
+            mine = [i for i, r in enumerate(test_rows) if r.get("method", "") == method]
+            by_method[method] = rollouts_report([probs[i] for i in mine],
+                                                {"train": [], "test": [test_rows[i] for i in mine]})
+        summary["crm_on_held_out_rollouts"]["by_method"] = by_method
     summary |= {"rollouts": len(rows), "files": cfg.crm_rollouts, "train_pairs": len(train_pairs),
                 "final_loss": losses[-1], "seconds": round(time.time() - started, 1)}
     save_folder_atomic(run_dir / cfg.crm_out, crm, tokenizer)
     write_json_atomic(run_dir / f"{cfg.crm_out}.json", summary)
     r = summary["crm_on_held_out_rollouts"]
     caught = "n/a" if r["crm_catches_steps_only"] is None else f"{r['crm_catches_steps_only']:.1%}"
-    print(f"\nCRM from {len(rows)} judged RL rollouts (+ {len(train_pairs) - len(train_rows)} other pairs): on "
-          f"{r['n']} held-out rollouts (prompts it never trained on) accuracy {r['accuracy']:.1%}, "
+    print(f"\nCRM from {len(rows)} judged RL rollouts (+ {len(train_pairs) - len(train_rows)} other pairs): "
+          f"on {r['n']} held-out rollouts (prompts it never trained on) accuracy {r['accuracy']:.1%}, "
           f"F1 {r['f1']:.3f}; it flags {caught} of the {r['steps_only']} whose steps alone fail")
     print(f"wrote {run_dir / cfg.crm_out}/ and {cfg.crm_out}.json in {summary['seconds']:.0f} s")
     return summary
@@ -1726,8 +1413,9 @@ def check_crm(cfg: Config, crm_path: str) -> None:
 
 
 def make_judge(cfg, cache_path: Path):
-    """The LLM judge of --judge (a local model on cfg.device) or --judge-url (an endpoint, its replies cached in
-    cache_path, so a killed run asks only for the rest). cfg: any stage's Config with the judge's fields."""
+    """The LLM judge of --judge (a local model on cfg.device) or --judge-url (an endpoint, its replies
+    cached in cache_path, so a killed run asks only for the rest). cfg: any stage's Config with the judge's
+    fields."""
     from adapters import judge as judges
 
     if cfg.judge_url:
@@ -1739,9 +1427,9 @@ def make_judge(cfg, cache_path: Path):
 
 def judge_rows(cfg: Config, rows: list[dict], run_dir: Path,
                what: str = "SFT-policy rollouts") -> tuple[list[dict], dict]:
-    """Rows labelled by the LLM judge (make_judge; a URL judge's replies cached in runs/<run>/judge_cache.jsonl).
-    Unparseable verdicts are counted in the stats and dropped (adapters/judge.py); `what` the rows are, for the
-    error when none gets a verdict."""
+    """Rows labelled by the LLM judge (make_judge; a URL judge's replies cached in
+    runs/<run>/judge_cache.jsonl). Unparseable verdicts are counted in the stats and dropped
+    (adapters/judge.py); `what` the rows are, for the error when none gets a verdict."""
     from adapters import judge as judges
 
     if not rows:  # the judge was never asked: the policy's rollouts held nothing to parse
@@ -1790,6 +1478,337 @@ def check_judge(cfg: Config, run_dir: Path) -> None:
                              f"one row, it answered {got}. Check that the URL is the API's base (it ends in "
                              f"/v1) and the model name, and that the model replies in words (a reasoning "
                              f"model needs room to close its <think>).")
+
+
+# ============================================================================================================
+# Appendix C: loading, encoding, cutting, the flags and the reports (skip on a first reading)
+# What every stage calls to load a model and encode its inputs; what this stage checks first and prints last.
+# ============================================================================================================
+
+
+# C.1 loading and encoding: the policy and the CRM through the Auto classes, prompts and completions as ids
+def load_policy(name_or_path: str, device: str, max_pixels: int | None = None, dtype=torch.float32,
+                trainable: bool = False):
+    """(model, processor) through the Auto classes, exactly as a hub checkpoint loads.
+
+    A folder with adapter_config.json is a LoRA policy saved by stage 5 (base + adapter): its base is
+    loaded first, then the adapter through peft (trainable or frozen).
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    image_processor = processor.image_processor
+    if max_pixels:  # cap the visual tokens: a 448x448 image is 256 of them after the 2x2 merge
+        size = image_processor.size
+        image_processor.size = {"shortest_edge": size.shortest_edge,
+                                "longest_edge": min(size.longest_edge, max_pixels)}
+    for old_name in ("min_pixels", "max_pixels"):  # legacy copies of `size` that transformers 5 warns about
+        if getattr(image_processor, old_name, None) is not None:
+            setattr(image_processor, old_name, None)
+    processor.tokenizer.padding_side = "left"  # prompts are left-padded so completions start together
+    adapter_config = Path(name_or_path) / "adapter_config.json"
+    if adapter_config.exists():
+        from peft import PeftModel
+
+        base = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        model = AutoModelForImageTextToText.from_pretrained(base, dtype=dtype).to(device)
+        model = PeftModel.from_pretrained(model, name_or_path, is_trainable=trainable)
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(name_or_path, dtype=dtype).to(device)
+    return model, processor
+
+
+CRM_LABELS = {0: "inconsistent", 1: "consistent"}
+
+
+def load_crm(name_or_path: str, device: str, dtype=torch.float32):
+    """(classifier, tokenizer). A bare backbone gets a fresh 2-way head (consistent / inconsistent).
+
+    The tokenizer's pad id is the one the model uses: a decoder classifier (Llama, Qwen, Mistral) reads the
+    last token that is not the config's pad_token_id, so a config pad id other than the tokenizer's makes it
+    read a pad position in a padded batch (a pair scores one thing batched, another alone). A tokenizer
+    without a pad token (Llama-3, Mistral) gets its eos, else its unk, else the token of id 0. With right
+    padding (encode_pairs) that choice changes no score: real tokens never attend to the pads after them, and
+    the token read is the last one before the pads (before a trailing eos equal to the pad, batched or alone).
+    """
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token or tokenizer.convert_ids_to_tokens(0)
+    tokenizer.padding_side = "right"
+    model = AutoModelForSequenceClassification.from_pretrained(
+        name_or_path, num_labels=2, id2label=CRM_LABELS, label2id={v: k for k, v in CRM_LABELS.items()},
+        dtype=dtype)
+    model.config.pad_token_id = model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+    return model.to(device), tokenizer
+
+
+def stop_token_ids(processor) -> list[int]:
+    """Every id that ends a reply (Qwen has several: <|im_end|> and <|endoftext|>)."""
+    tok = processor.tokenizer
+    ids = {tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")} | {tok.eos_token_id}
+    return sorted(i for i in ids if i is not None and i != tok.unk_token_id)
+
+
+INSTRUCTION = (" Think step by step inside <think></think>, "
+               "then give the final answer inside <answer></answer>.")
+
+
+def encode_prompts(processor, images: list, questions: list[str]) -> dict:
+    """Chat-formatted, left-padded prompts with their images: the policy's input for one batch."""
+    messages = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q + INSTRUCTION}]}]
+                for q in questions]
+    texts = [processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in messages]
+    batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    return dict(batch)
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def encode_completions(processor, texts: list[str], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Completion texts (+ <|im_end|>) as right-padded ids (B, L) and their mask (B, L)."""
+    tok = processor.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    rows = [tok(t, add_special_tokens=False)["input_ids"] + [end] for t in texts]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    return ids.to(device), mask.to(device)
+
+
+def unwrap(model):
+    """The transformers model inside a peft wrapper (LoRA layers sit inside it, so its forward runs them)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def image_features(model, prompt: dict) -> list[torch.Tensor]:
+    """The vision tower's output for each prompt's image: B tensors (n_b, H), n_b its visual tokens."""
+    out = unwrap(model).model.get_image_features(prompt["pixel_values"], prompt["image_grid_thw"])
+    # transformers < 5.20 returns the list itself
+    return list(out.pooler_output if hasattr(out, "pooler_output") else out)
+
+# C.2 a pair longer than the CRM reads: cut by tokens, keeping the question and the thinking's end
+def kept_positions(sequence_ids: list[int | None], n_question: int, max_length: int,
+                   max_hypothesis_tokens: int) -> list[int]:
+    """The positions of one encoded pair to keep, at most max_length of them; every special token stays.
+
+    sequence_ids: per position None (special token), 0 (premise) or 1 (hypothesis). The hypothesis keeps
+    its first max_hypothesis_tokens. A premise too long for the room left keeps its first
+    min(n_question, room // 2) tokens (the question) and fills the rest from its end (the end of the
+    thinking, where the conclusion sits).
+
+    Example: [None, 0, 0, 0, 0, 0, 0, None, 1, 1, None], n_question 2, max_length 8, max_hypothesis_tokens 1:
+             hypothesis [8]; room 8 - 3 specials - 1 = 4 for 6 premise tokens: the first 2 and the last 2
+             -> [0, 1, 2, 5, 6, 7, 8, 10].
+    """
+    special = [j for j, s in enumerate(sequence_ids) if s is None]
+    premise = [j for j, s in enumerate(sequence_ids) if s == 0]
+    hypothesis = [j for j, s in enumerate(sequence_ids) if s == 1][:max_hypothesis_tokens]
+    room = max_length - len(special) - len(hypothesis)
+    if len(premise) > room:
+        head = min(n_question, room // 2)
+        premise = premise[:head] + premise[len(premise) - (room - head):]
+    return sorted(special + premise + hypothesis)
+
+
+def crm_max_length(tokenizer) -> int:
+    """The CRM's tokens per pair when no --crm-max-length is given: its tokenizer's model_max_length, which
+    stage 1 sets to --crm-max-length when it saves the CRM (so stages 3, 5 and 6 read what it trained with);
+    512 when the tokenizer states no limit (transformers' placeholder is ~1e30)."""
+    limit = tokenizer.model_max_length
+    return int(limit) if limit and limit < 1_000_000 else 512
+
+
+@functools.lru_cache(maxsize=8)
+def longest_token(tokenizer) -> int:
+    """The most characters a token of the vocabulary spells: no token covers more of a text."""
+    return max(map(len, tokenizer.get_vocab()))
+
+
+def cut_to_fit(tokenizer, pair: dict, max_length: int) -> dict:
+    """The pair with each text cut, before tokenizing, where none of its tokens could be kept: the question
+    and the answer keep their start, the thinking its end (what encode_pairs keeps). A text of more than
+    max_length x longest_token characters has more than max_length tokens; a cut that leaves fewer (a
+    normalizer that drops characters, e.g. one that collapses runs of spaces) is not made.
+    Why: a tokenizer takes seconds to encode a 10-million-character thinking, of which 512 tokens are kept.
+
+    Example: longest token 16 characters, max_length 512: a thinking of 10**7 characters keeps its last 8,192.
+    """
+    cut, limit = dict(pair), max_length * longest_token(tokenizer)
+    for key, keep_end in [("question", False), ("thinking", True), ("answer", False)]:
+        text = str(pair[key])
+        if len(text) > limit:
+            short = text[-limit:] if keep_end else text[:limit]
+            if len(tokenizer(short, add_special_tokens=False, verbose=False)["input_ids"]) >= max_length:
+                cut[key] = short
+    return cut
+
+# C.3 the flags, and what the stage reports
+def check_config(cfg: Config) -> None:
+    """Refuse flags that cannot work, each error naming the flag and the fix, before anything is read."""
+    compute_dtype(cfg.device, cfg.dtype)  # --dtype: auto, bf16 or fp32
+    if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"--device {cfg.device}: CUDA is not available here; pass --device cpu.")
+    embedded, judged = cfg.dataset is None, bool(cfg.judge or cfg.judge_url)
+    minimum = [("--sft-batch-size", cfg.sft_batch_size, 1), ("--warmup-steps", cfg.warmup_steps, 0),
+               ("--eval-n", cfg.eval_n, 1), ("--max-new-tokens", cfg.max_new_tokens, 1),
+               ("--crm-steps", cfg.crm_steps, 1), ("--crm-batch-size", cfg.crm_batch_size, 1),
+               ("--crm-max-length", cfg.crm_max_length, 65),  # the answer alone may take 64 (encode_pairs)
+               ("--crm-rollout-prompts", cfg.crm_rollout_prompts, 1 if judged else 0),  # a judge needs rows
+               ("--crm-rollout-samples", cfg.crm_rollout_samples, 1),
+               ("--judge-batch-size", cfg.judge_batch_size, 1),
+               ("--max-pixels", cfg.max_pixels, 56 * 56)]  # the processor's smallest image: 56 x 56
+    minimum += [("--sft-steps", cfg.sft_steps, 1)] * (not cfg.skip_policy_sft)
+    minimum += [("--n-train", cfg.n_train, 1), ("--n-test", cfg.n_test, 1)] * embedded
+    for flag, value, least in minimum:
+        if value < least:
+            fix = " (or pass --skip-policy-sft)" if flag == "--sft-steps" else ""
+            raise SystemExit(f"{flag} {value}: must be at least {least}{fix}.")
+    for flag, value in [("--sft-lr", cfg.sft_lr), ("--crm-lr", cfg.crm_lr),
+                        ("--crm-rollout-temperature", cfg.crm_rollout_temperature)]:
+        if not (math.isfinite(value) and value > 0):
+            raise SystemExit(f"{flag} {value}: must be a finite number above 0.")
+    if embedded and not cfg.skip_policy_sft and cfg.sft_batch_size > cfg.n_train:
+        raise SystemExit(f"--sft-batch-size {cfg.sft_batch_size}: more than the {cfg.n_train} training tasks "
+                         f"(--n-train); pass at most {cfg.n_train}.")
+    if not 0 <= cfg.inconsistent_frac <= 1:
+        raise SystemExit(f"--inconsistent-frac {cfg.inconsistent_frac}: must be a share between 0 and 1.")
+    if embedded and (cfg.image_size % 28 or cfg.image_size < 56):
+        raise SystemExit(f"--image-size {cfg.image_size}: must be a multiple of 28, "
+                         f"at least 56 (default 84).")
+    if cfg.judge and cfg.judge_url:
+        raise SystemExit("--judge and --judge-url both name a judge: pass one of them.")
+    if bool(cfg.judge_url) != bool(cfg.judge_model):
+        raise SystemExit("--judge-url and --judge-model go together: "
+                         "the endpoint and the model to ask there.")
+    if judged and cfg.crm_data:
+        raise SystemExit("--crm-data is already labelled: "
+                         "pass it or a judge (--judge, --judge-url), not both")
+    if not embedded and not cfg.crm_data and not judged:  # say so now, not after an hour of policy SFT
+        raise SystemExit("--dataset is real data, so the CRM needs --crm-data (a JSONL of question, "
+                         "thinking, answer, label rows, e.g. judged rollouts) or a judge to label the "
+                         "policy's rollouts (--judge MODEL, or --judge-url URL --judge-model NAME).")
+    if not embedded and not cfg.skip_policy_sft and not cfg.target_column:
+        raise SystemExit("policy SFT on real data needs completions: pass --target-column (a column of "
+                         "<think>...</think><answer>...</answer> texts), or --skip-policy-sft.")
+
+
+def classification_report(probs: list[float], labels: list[int]) -> dict:
+    """Accuracy and F1 of the 'consistent' class at threshold 0.5."""
+    predicted = [p >= 0.5 for p in probs]
+    tp = sum(p and y for p, y in zip(predicted, labels))
+    fp = sum(p and not y for p, y in zip(predicted, labels))
+    fn = sum((not p) and y for p, y in zip(predicted, labels))
+    accuracy = sum(p == bool(y) for p, y in zip(predicted, labels)) / max(1, len(labels))
+    return {"accuracy": accuracy, "f1": 2 * tp / max(1, 2 * tp + fp + fn), "n": len(labels)}
+
+
+def step_pairs_report(probs: list[float], pairs: list[dict], train_pairs: list[dict]) -> dict:
+    """The CRM on the held-out step-conclusion pairs (step_conclusion_pairs): accuracy and F1, the accuracy on
+    each task family, and the share of these (question, thinking, answer) texts that also occur among the
+    training pairs (the embedded templates are few, so a held-out task's text often repeats a training
+    one)."""
+    report = classification_report(probs, [p["label"] for p in pairs])
+    for family in ("count", "bars"):
+        in_family = [i for i, p in enumerate(pairs) if p["family"] == family]
+        family_report = classification_report([probs[i] for i in in_family],
+                                              [pairs[i]["label"] for i in in_family])
+        report[f"accuracy_{family}"] = family_report["accuracy"] if in_family else None
+    seen = {(p["question"], p["thinking"], p["answer"]) for p in train_pairs}
+    in_training = sum((p["question"], p["thinking"], p["answer"]) in seen for p in pairs)
+    return {**report, "seen_in_training": in_training / max(1, len(pairs))}
+
+
+def rollouts_report(probs: list[float], rollouts: dict) -> dict:
+    """The CRM on the held-out SFT-policy rollouts (oracle labels), and why the inconsistent ones are so: how
+    many fail the steps link, the answer link, both (oracle_parts), and the share of those that fail the steps
+    link alone (the answer equals the conclusion) that the CRM flags (P(consistent) < 0.5); None when none."""
+    test = rollouts["test"]
+    report = classification_report(probs, [p["label"] for p in test])
+    links = [oracle_parts(p["thinking"], p["answer"]) for p in test]
+    steps_only = [prob for prob, link in zip(probs, links) if not link["steps"] and link["answer"]]
+    return {**report, "n_train": len(rollouts["train"]),
+            "consistent_share": sum(p["label"] for p in test) / max(1, len(test)),
+            "steps_link_fails": sum(not link["steps"] for link in links),
+            "answer_link_fails": sum(not link["answer"] for link in links),
+            "both_links_fail": sum(not link["steps"] and not link["answer"] for link in links),
+            "steps_only": len(steps_only),
+            "crm_catches_steps_only": (sum(p < 0.5 for p in steps_only) / len(steps_only)
+                                       if steps_only else None)}
+
+
+def read_rollouts(patterns: str) -> list[dict]:
+    """The rows of stage 5's rollouts.jsonl files (--crm-rollouts: a comma list, each may hold * globs) as
+    {question, thinking, answer, row, seed, method, step} (+ label when a file has one), the rollouts with
+    nothing to parse left out (they get r_cons = 0 without the CRM). Rows in the --crm-data form (thinking
+    and answer instead of text) are read too. Every pattern must match a file, every row have its fields."""
+    import glob
+
+    rows = []
+    for pattern in (p.strip() for p in patterns.split(",") if p.strip()):
+        paths = sorted(glob.glob(pattern))
+        if not paths:
+            raise SystemExit(f"--crm-rollouts {pattern}: no such file. Stage 5 writes "
+                             f"runs/<run>/<name>/rollouts.jsonl (e.g. python 05_grpo_train.py "
+                             f"--advantage grpo).")
+        for path in paths:
+            for number, row in enumerate(read_jsonl(Path(path), drop_cut_last_line=True), start=1):
+                if not (isinstance(row, dict) and "question" in row and ("text" in row or "thinking" in row)):
+                    raise SystemExit(f"--crm-rollouts {path}, line {number}: expected a question and a text "
+                                     f"(stage 5's rollouts.jsonl) or a thinking and an answer.")
+                think, answer = (parse_completion(str(row["text"])) if "text" in row
+                                 else (row["thinking"], row.get("answer")))
+                if think is None or answer is None:
+                    continue
+                rows.append({"question": str(row["question"]), "thinking": str(think), "answer": str(answer),
+                             **{k: row[k] for k in ("row", "seed", "method", "step", "label") if k in row}})
+    return rows
+
+
+def print_summary(summary: dict, run_dir: Path, embedded: bool) -> None:
+    """The numbers stage 1 prints at its end (all of them are in stage1.json too)."""
+    check = summary["policy_check"]
+    print(f"\npolicy after SFT (greedy, {check['n']} test prompts): format {check['format_rate']:.1%}, "
+          f"accuracy {check['accuracy']:.1%}")
+    if embedded:
+        links = "n/a (nothing parsed)"
+        if check["oracle_steps_fail_rate"] is not None:
+            links = (f"steps {check['oracle_steps_fail_rate']:.1%}, "
+                     f"answer {check['oracle_answer_fail_rate']:.1%} of the parsed replies")
+        print(f"  oracle inconsistency rate {check['oracle_inconsistency_rate']:.1%}; "
+              f"links that fail: {links}")
+    print(f"  e.g. {check['example']!r}")
+    if "judge" in summary:
+        j = summary["judge"]
+        print(f"judge {j['judge']}: {j['labelled']} of {j['rows']} SFT-policy rollouts labelled "
+              f"({j['consistent']} consistent), {j['unparseable']} unparseable verdicts dropped "
+              f"-> {run_dir / 'crm_data.jsonl'}")
+        if "agreement" in j:
+            a = j["agreement"]
+            print(f"  agreement with the rule oracle: accuracy {a['accuracy']:.1%} on {a['n']} "
+                  f"(tp {a['tp']}, fp {a['fp']}, fn {a['fn']}, tn {a['tn']}; positive = consistent)")
+    report = summary["crm"]
+    print(f"CRM on {report['n']} held-out pairs: accuracy {report['accuracy']:.1%}, F1 {report['f1']:.3f}")
+    if "crm_on_step_pairs" in summary:
+        s = summary["crm_on_step_pairs"]
+        print(f"CRM on {s['n']} held-out step-conclusion pairs (answer = conclusion; half of them with "
+              f"steps that disagree): accuracy {s['accuracy']:.1%}, F1 {s['f1']:.3f}")
+        print(f"  count {s['accuracy_count']:.1%}, bars {s['accuracy_bars']:.1%}; "
+              f"{s['seen_in_training']:.0%} of these texts also occur among the training pairs")
+    if "crm_on_policy_rollouts" in summary:
+        r = summary["crm_on_policy_rollouts"]
+        caught = "n/a" if r["crm_catches_steps_only"] is None else f"{r['crm_catches_steps_only']:.1%}"
+        print(f"CRM on {r['n']} held-out SFT-policy rollouts (oracle labels, {r['consistent_share']:.0%} "
+              f"consistent): accuracy {r['accuracy']:.1%}, F1 {r['f1']:.3f}")
+        print(f"  inconsistent by the oracle's links: steps {r['steps_link_fails']}, answer "
+              f"{r['answer_link_fails']} (both {r['both_links_fail']}); the CRM flags {caught} of the "
+              f"{r['steps_only']} whose steps alone fail")
+    print(f"wrote {run_dir}/{{data,policy_sft,crm,stage1.json}} in {summary['seconds']:.0f} s")
 
 
 # The entry point stays last: every name above exists by the time main() runs.

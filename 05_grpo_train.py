@@ -114,10 +114,10 @@ class Config:
     parallel: str = "auto"  # torchrun: ddp (whole model per rank) | fsdp (FSDP2, 1/N per rank); auto = ddp
     # bookkeeping
     checkpoint_every: int = 25  # steps between checkpoints
-    save_rollouts_every: int = 1  # every N steps the step's rollouts go to rollouts.jsonl (CRM data); 0 = none
+    save_rollouts_every: int = 1  # every N steps, the step's rollouts to rollouts.jsonl (CRM data); 0 = none
     # the drift monitor (embedded: the oracle judges every rollout) and the guard against a fooled CRM
     drift_warn: float = 0.1  # warn when the CRM and the judge disagree on more than this share (10-step mean)
-    audit_every: int = 0  # every N steps the judge labels --audit-rows of the step's rollouts (real data); 0 = off
+    audit_every: int = 0  # every N steps a judge labels --audit-rows of the step's rollouts (real data); 0: off
     audit_rows: int = 16  # rollouts the judge labels per audit
     judge: str | None = None  # the audit's judge: a local instruct model (as 01_sft_rm.py --judge)
     judge_url: str | None = None  # or an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1
@@ -176,7 +176,8 @@ class LogProbs(torch.nn.Module):
                                       temperature, chunk_size, visual)  # (N, L)
 
     def settle_root(self) -> None:
-        """Nothing: a forward for FSDP2's hooks to run once, so that this module is their root (parallelize)."""
+        """Nothing: a forward for FSDP2's hooks to run once, so that this module is their root
+        (parallelize)."""
 
 def batch_logprobs(cfg: Config, model, prompt: dict, ids, mask, rows: list[int], visual,
                    forward: LogProbs | None = None) -> torch.Tensor:
@@ -579,9 +580,9 @@ def parallelize(mode: str, model, device: str, dtype: torch.dtype, trains: bool 
         # its own group: a frozen tower may be stored in another dtype
         fully_shard(core.visual, mp_policy=mixed)
         fully_shard(forward, mp_policy=mixed)
-        # FSDP2 takes the first group to run a forward for the root. The sampler calls the policy itself, whose
-        # layers and tower would run first; a forward of LogProbs that does nothing settles the root now (then
-        # reshard: a root keeps its weights gathered after a forward, and the optimiser must see the shards).
+        # FSDP2 takes the first group to run a forward for the root. The sampler calls the policy itself,
+        # whose layers and tower would run first; a forward of LogProbs that does nothing settles the root now
+        # (then reshard: a root keeps its weights gathered after a forward; the optimiser must see the shards).
         register_fsdp_forward_method(forward, "settle_root")
         forward.settle_root()
         forward.reshard()
