@@ -117,7 +117,7 @@ class Config:
     save_rollouts_every: int = 1  # every N steps, the step's rollouts to rollouts.jsonl (CRM data); 0 = none
     # the drift monitor (embedded: the oracle judges every rollout) and the guard against a fooled CRM
     drift_warn: float = 0.1  # warn when the CRM and the judge disagree on more than this share (10-step mean)
-    audit_every: int = 0  # every N steps a judge labels --audit-rows of the step's rollouts (real data); 0: off
+    audit_every: int = 0  # every N steps a judge labels --audit-rows of the step's rollouts (real); 0 = off
     audit_rows: int = 16  # rollouts the judge labels per audit
     judge: str | None = None  # the audit's judge: a local instruct model (as 01_sft_rm.py --judge)
     judge_url: str | None = None  # or an OpenAI-compatible endpoint, e.g. http://localhost:8000/v1
@@ -582,7 +582,7 @@ def parallelize(mode: str, model, device: str, dtype: torch.dtype, trains: bool 
         fully_shard(forward, mp_policy=mixed)
         # FSDP2 takes the first group to run a forward for the root. The sampler calls the policy itself,
         # whose layers and tower would run first; a forward of LogProbs that does nothing settles the root now
-        # (then reshard: a root keeps its weights gathered after a forward; the optimiser must see the shards).
+        # (then reshard: a root keeps its weights gathered after a forward; the optimiser needs the shards).
         register_fsdp_forward_method(forward, "settle_root")
         forward.settle_root()
         forward.reshard()
