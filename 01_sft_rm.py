@@ -498,7 +498,7 @@ def embedded_crm_pairs(split, seed: int) -> list[dict]:
       answer link (0)  (right thinking, wrong answer), (misread thinking, true answer): the answer swapped;
       steps link (0)   a thinking whose steps say one thing and whose conclusion another, with the answer
                        EQUAL to that conclusion: (right steps, wrong conclusion) and (misread steps, true
-                       conclusion). The old oracle read the conclusion only and called these consistent;
+                       conclusion). an oracle that read the conclusion only would call these consistent;
       both links (0)   (right steps, wrong conclusion, true answer).
 
     A "mixed" thinking (steps and conclusion disagree) is inconsistent whatever the answer, so the CRM must

@@ -537,7 +537,7 @@ def check_inputs(config_name: str, rows: int, completion_len: int, text_len: int
 
 
 def naive_completion_logprobs(model, prompt: dict, completion_ids, completion_mask, temperature: float = 1.0):
-    """completion_logprobs as it was before issue 8 (git 258b8d4): the full (B, L, V) logits in fp32, then a
+    """completion_logprobs as it was at commit 258b8d4: the full (B, L, V) logits in fp32, then a
     log_softmax copy. Kept here only to measure what the chunks save."""
     L = completion_ids.shape[1]
     input_ids = torch.cat([prompt["input_ids"], completion_ids], dim=1)  # (B, P + L)

@@ -1,4 +1,4 @@
-"""Bad input on the reward/advantage path (issue 13): garbage scores in linear time and equals the old
+"""Bad input on the reward/advantage path: garbage scores in linear time and equals the old
 definitions on normal text; long answers never break the CRM; NaN never reaches advantages.jsonl; empty
 inputs never replace good outputs; numbers match as numbers."""
 import json
@@ -14,11 +14,11 @@ from conftest import load_stage
 
 stage1, stage3, hras = load_stage("01_sft_rm.py"), load_stage("03_rewards.py"), load_stage("04_hras.py")
 
-# ----------------------------------------------------------------------------- the old definitions (reference)
-# As they were before issue 13: right on normal text, quadratic on unclosed tags. The new code must agree,
-# except for one bug of the old format regex: its \S was not guarded against tags, so it could eat the "<" of
-# a stray </answer> ("<answer>3</answer></answer>" scored as well formed). FORMAT_SPEC_RE is the old regex
-# with that \S guarded like every other character: the spec the new code is tested against.
+# ----------------------------------------------------------------------------- reference definitions
+# The plain regex forms: right on normal text, quadratic on unclosed tags. The code must agree with them,
+# except for one bug of the plain format regex: its \S is not guarded against tags, so it can eat the "<" of
+# a stray </answer> ("<answer>3</answer></answer>" scored as well formed). FORMAT_SPEC_RE is that regex
+# with the \S guarded like every other character: the spec the code is tested against.
 TAGS = r"(?!</?think>|</?answer>)"
 OLD_STRICT_FORMAT_RE = re.compile(
     rf"^\s*<think>(?:{TAGS}.)*</think>\s*<answer>(?:{TAGS}.)*\S(?:{TAGS}.)*</answer>\s*$", re.DOTALL)
@@ -106,7 +106,7 @@ def test_the_old_format_regex_let_a_stray_tag_through_and_the_new_code_does_not(
                  "<think>a</think><answer><think>3</answer>"]:
         assert OLD_STRICT_FORMAT_RE.match(text) and not FORMAT_SPEC_RE.match(text)
         assert stage3.format_reward(text) == 0.0  # repeated or nested tags: not well formed
-    for text in NORMAL:  # elsewhere the old regex and the spec agree
+    for text in NORMAL:  # elsewhere the plain regex and the spec agree
         assert bool(OLD_STRICT_FORMAT_RE.match(text)) == bool(FORMAT_SPEC_RE.match(text))
 
 
@@ -120,9 +120,9 @@ def test_last_block_pairs_each_opening_tag_with_the_next_closing_one():
 # ----------------------------------------------------------------------------- 1. linear time, 64,000 characters
 N = 64_000
 NASTY = {
-    "unclosed answer": "<think>x</think><answer>" + "3 " * (N // 2),  # old format regex: minutes
+    "unclosed answer": "<think>x</think><answer>" + "3 " * (N // 2),  # the plain format regex: minutes
     "unclosed think": "<think>" + "1, " * (N // 3),
-    "many opening answers": "<answer>" * (N // 8),  # old parse regex: quadratic
+    "many opening answers": "<answer>" * (N // 8),  # the plain parse regex: quadratic
     "many opening thinks": "<think>" * (N // 7),
     "open tags alternating": "<think><answer>" * (N // 15),
     "closed then unclosed": "<answer>3</answer>" * (N // 36) + "<answer>" * (N // 16),
@@ -147,7 +147,7 @@ def test_nasty_64000_character_inputs_score_fast(kind):
     stage1.thinking_conclusion(think), stage1.thinking_conclusion(text)
     stage1.oracle_consistent(think, answer)
     elapsed = time.perf_counter() - started
-    assert elapsed < 0.2, f"{kind}: {elapsed:.3f} s"  # the old format regex took 15 s at 32,000 characters
+    assert elapsed < 0.2, f"{kind}: {elapsed:.3f} s"  # the plain format regex took 15 s at 32,000 characters
     assert fmt in (0.0, 1.0) and acc in (0.0, 1.0)
     well_formed = ("a 64,000-digit answer", "dollars", "nested boxes", "fraction soup", "answer is, then spaces",
                    "answer is, repeated", "answer is, then dots")
@@ -220,7 +220,7 @@ def test_pairs_that_fit_encode_exactly_as_the_tokenizer_does(tiny_crm):
              {"question": "Which bar is the tallest?", "thinking": "So the answer is B.", "answer": "数🙂"},
              {"question": "q", "thinking": "", "answer": "7"}]
     new = stage1.encode_pairs(tok, pairs, "cpu")
-    premises = [f"{p['question']} {p['thinking']}" for p in pairs]  # the call encode_pairs made before issue 13
+    premises = [f"{p['question']} {p['thinking']}" for p in pairs]  # the plain tokenizer call, without the cut
     hypotheses = [stage1.crm_hypothesis(p["answer"]) for p in pairs]
     old = tok(premises, hypotheses, padding=True, truncation="only_first", max_length=512, return_tensors="pt")
     assert new.keys() == dict(old).keys()

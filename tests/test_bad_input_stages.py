@@ -1,4 +1,4 @@
-"""Bad input on stages 2, 5 and 6 (issue 13): every numeric flag checked before anything loads; a non-finite loss
+"""Bad input on stages 2, 5 and 6: every numeric flag checked before anything loads; a non-finite loss
 stops stage 5 before the optimiser steps; stage 5 never erases or mixes runs; a cut-short last metrics line is
 dropped with a warning; stage 6 skips a checkpoint with non-finite weights; stage 2 never replaces good rollouts
 with nothing."""

@@ -355,7 +355,7 @@ def test_puzzle_options_are_read_from_the_hub_string():
                                "(B) small\n(C) medium\nThe answer is the letter of the correct option.")
     assert bm.list_options("['red', \"it's\"]") == ["red", "it's"] and bm.list_options(None) == []
     with pytest.raises(ValueError, match="column 'options' holds 'red, blue'"):
-        bm.list_options("red, blue")  # a short string is no longer read character by character
+        bm.list_options("red, blue")  # a short string is not read character by character
 
 
 @pytest.mark.parametrize("name, raw, predicted, correct", [

@@ -1,5 +1,5 @@
 """The CRM path on real backbones, with tiny decoder-only classifiers built from a config (Qwen2 and Llama,
-random weights) and tokenizers built with the `tokenizers` library: the three traps of issue 11 (no pad token; a
+random weights) and tokenizers built with the `tokenizers` library: three traps (no pad token; a
 config pad id that differs from the tokenizer's; a thinking whose conclusion lies past the length limit), each
 scored batched and one at a time; the pre-SFT check of stage 1 and the max length plumbed through stage 3."""
 import json
@@ -145,7 +145,7 @@ def test_stage1_checks_the_crm_before_any_sft(decoder_crm, monkeypatch):
         return
     fixed = stage1.load_crm
 
-    def without_the_pad_fix(path, device, dtype=torch.float32):  # load_crm before issue 11 kept the config's id
+    def without_the_pad_fix(path, device, dtype=torch.float32):  # a load_crm that keeps the config's id
         model, tok = fixed(path, device, dtype)
         model.config.pad_token_id = tok.eos_token_id
         return model, tok

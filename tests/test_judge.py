@@ -347,7 +347,7 @@ def test_an_endpoint_that_answers_junk_is_refused_before_any_model(server, tmp_p
 
 def test_rollouts_with_nothing_to_parse_are_not_blamed_on_the_judge(server, tiny_run, tmp_path):
     """--max-new-tokens 2 leaves no room for <think>..</think><answer>..</answer>: the judge is asked nothing
-    (but the check) and the error says why, where it used to report an agreement on 0 rows and exit 0."""
+    (but the check) and the error says why, rather than report an agreement on 0 rows and exit 0."""
     cfg = stage1.Config(run="short", runs_dir=str(tmp_path), policy=str(tiny_run["dir"] / "policy_sft"),
                         skip_policy_sft=True, max_new_tokens=2, judge_url=server.url,
                         judge_model="judge-model", **EMBEDDED)

@@ -16,7 +16,7 @@ BARS = "Heights: {steps}. So the answer is {conclusion}."
     # count: the listed count is 3 (1, 2, 3), the conclusion 3, the answer 3 -> both links hold
     (COUNT.format(steps="1, 2, 3", conclusion="3"), "3", True, True),
     # count: the steps list 3 shapes but conclude 5; the answer copies the conclusion -> the answer link holds,
-    # the steps link does not (the old oracle, reading the conclusion only, called this consistent)
+    # the steps link does not (an oracle reading the conclusion only would call this consistent)
     (COUNT.format(steps="1, 2, 3", conclusion="5"), "5", False, True),
     # count: steps and conclusion agree on 3, the answer says 4 -> only the steps link holds
     (COUNT.format(steps="1, 2, 3", conclusion="3"), "4", True, False),

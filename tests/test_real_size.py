@@ -12,7 +12,7 @@ stage1, stage5, stage6 = load_stage("01_sft_rm.py"), load_stage("05_grpo_train.p
 
 
 def full_vocabulary_logprobs(model, prompt, ids, mask, temperature=1.0):
-    """The definition (git history's completion_logprobs): the whole (B, L, V) fp32 log-softmax at once."""
+    """The definition (completion_logprobs unchunked, as at commit 258b8d4): the whole (B, L, V) fp32 log-softmax at once."""
     L = ids.shape[1]
     out = model(input_ids=torch.cat([prompt["input_ids"], ids], 1),
                 attention_mask=torch.cat([prompt["attention_mask"], mask], 1),

@@ -26,7 +26,7 @@ CASES = [
     ("\x00\xff garbage </answer><answer>", 0.0, 0.0, False),
     (LONG, 1.0, 1.0, True),
     ("<think>x</think><answer>" + "🙂" * 130 + "</answer>", 1.0, 0.0, True),  # ~520 CRM tokens: cut, no raise
-    ("<think>x</think><answer>" + "数" * 170 + "</answer>", 1.0, 0.0, True),  # (issue 13: "Truncation error")
+    ("<think>x</think><answer>" + "数" * 170 + "</answer>", 1.0, 0.0, True),  # (a fast tokenizer's own truncation raised "Truncation error" here)
 ]
 
 

@@ -18,7 +18,7 @@ BARS_ROW = {  # heights A 4, B 1, C 6, misread as A 6, B 1, C 4 (the tallest swa
 
 
 def test_crm_pairs_label_the_steps_link():
-    """Eight pairs a task. The old oracle's blind spot (steps and conclusion disagree, the answer copies the
+    """Eight pairs a task. The blind spot of an oracle that reads the conclusion only (steps and conclusion disagree, the answer copies the
     conclusion) is labelled 0 in both families; the consistent-but-wrong chains are labelled 1."""
     pairs = stage1.embedded_crm_pairs([COUNT_ROW, BARS_ROW], seed=0)
     labels = {(p["thinking"], p["answer"]): p["label"] for p in pairs}

@@ -76,7 +76,7 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tiny_run):
 
 def test_lambda_zero_still_logs_the_crm_probability(tiny_run):
     """--lambda-cons 0 zeroes the reward r_cons, not what the CRM says: crm_consistency is P(consistent) itself
-    (it used to be r_cons / lambda, which read 0 at lambda 0)."""
+    (not r_cons / lambda, which reads 0 at lambda 0)."""
     stage5.main(small_train_config(tiny_run, name="lambda0", steps=1, kl_beta=0.0, lambda_cons=0.0, advantage="sum"))
     row = stage1.read_jsonl(tiny_run["dir"] / "lambda0" / "metrics.jsonl")[0]
     assert row["reward_consistency"] == 0.0  # the reward: lambda * p = 0
