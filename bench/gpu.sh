@@ -9,8 +9,8 @@
 # `bash bench/gpu.sh real update` and `bash bench/gpu.sh smoke rollout` as two calls.
 #
 # Parts:
-#   smoke    every stage on CUDA with the embedded default (a short stage 1, stages 2-4, a short run of each
-#            method, stage 6): no stage had run on a GPU before this script.
+#   smoke    every stage on CUDA with the embedded default: a short stage 1, stages 2-4, a short GRPO run, the
+#            CRM of its rollouts (the paper's recipe), short CORA and sum runs, the guard, LoRA, stage 6.
 #   rollout  bench/bench_rollout.py at the Qwen2-VL-2B shape, GRPO's group setting: ours-fast, ours-fast with
 #            transformers' attention (heads repeated, batch 64), generate, generate static (batch 64); a profile.
 #   update   bench/bench_update.py at the Qwen2-VL-2B shape: the update's forward + backward with each prompt run
@@ -53,9 +53,16 @@ for p in $PARTS; do
       R="--runs-dir runs/gpu_smoke"
       part smoke_stage1 python3 01_sft_rm.py $R --sft-steps 150 --crm-steps 400 --crm-rollout-prompts 200
       part smoke_stages2to4 bash -c "python3 02_rollout.py $R && python3 03_rewards.py $R && python3 04_hras.py $R"
-      for m in grpo hras sum; do
+      part smoke_stage5_grpo python3 05_grpo_train.py $R --advantage grpo --steps 10 --prompts-per-step 16 --overwrite
+      # the paper's recipe: the CRM of the GRPO run's rollouts (crm_rl), which CORA and sum then take
+      part smoke_stage1_crm_rl python3 01_sft_rm.py $R --crm-rollouts runs/gpu_smoke/default/grpo_seed0/rollouts.jsonl \
+        --crm-steps 400
+      for m in hras sum; do
         part "smoke_stage5_$m" python3 05_grpo_train.py $R --advantage $m --steps 10 --prompts-per-step 16 --overwrite
       done
+      # the guard on CUDA: --drift-warn 0 refreshes the CRM at every disagreement (an fp32 CRM trained in the loop)
+      part smoke_stage5_guard python3 05_grpo_train.py $R --advantage hras --steps 5 --crm-refresh --drift-warn 0 \
+        --name guard_seed0 --overwrite
       part smoke_stage5_lora python3 05_grpo_train.py $R --advantage hras --steps 5 --lora-rank 8 --kl-beta 0.05 \
         --name lora_seed0 --overwrite
       part smoke_stage6 python3 06_eval.py $R --n 200
