@@ -157,28 +157,6 @@ def check_config(cfg: Config) -> dict[str, str]:
     return checkpoints
 
 
-def non_finite(model) -> list[str]:
-    """Names of the parameters that hold a NaN or an infinity (a checkpoint a diverged run left)."""
-    return [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
-
-
-def load_error(folder: str, error: Exception) -> str:
-    """Why a checkpoint does not load, naming its weight files that do not read (safetensors checks that a
-    file's header covers the whole file, so one cut short fails here, before any weight is read)."""
-    from safetensors import safe_open
-
-    broken = []
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        try:
-            with safe_open(str(path), "pt"):
-                pass
-        except Exception as file_error:
-            broken.append(f"{path} is cut short or corrupt ({file_error})")
-    if not broken:
-        return f"{type(error).__name__}: {error}"
-    return "; ".join(broken) + " (copy it again, or rerun the stage-5 run that wrote it)"
-
-
 # ----------------------------------------------------------------------------- metrics
 GAP_FLAG = 0.05  # a checkpoint whose IR (CRM) and IR (oracle) differ by more than this is flagged
 
@@ -296,45 +274,6 @@ def evaluate(model, processor, test, columns: dict, crm, crm_tokenizer, cfg: Con
     return metrics, records
 
 
-def official_verdicts(model, processor, test, columns: dict, prompts: list[dict], scores: list[dict],
-                      rows: list[dict], benchmark: str, cfg: Config) -> None:
-    """Each completion's official verdict into its score record (accuracy, task, unscorable), with the
-    official pipelines' model calls where asked (adapters/benchmarks.py holds their rules and prompts):
-    --second-round  puzzles: an answer naming no option gets the official second prompt, answered greedily
-                    by the same policy (after our format instruction, as every prompt); that reply is read
-    --extractor-url MathVista: where the official shortcuts do not apply, a model extracts the answer from
-                    the whole reply (the judge's client, adapters/judge.py; cached in extractions.jsonl)"""
-    from adapters import benchmarks
-
-    completions = [(p, c) for p in prompts for c in p["completions"]]
-    answers = [stage1.parse_completion(c["text"])[1] for _, c in completions]
-    extractions = [None] * len(completions)
-    if benchmark == "mathvista" and cfg.extractor_url:
-        from adapters.judge import UrlJudge
-
-        client = UrlJudge(cfg.extractor_url, cfg.extractor_model, max_tokens=64,
-                          cache_path=str(Path(cfg.runs_dir) / cfg.run / "extractions.jsonl"))
-        questions, texts = [p["question"] for p, _ in completions], [c["text"] for _, c in completions]
-        extractions = benchmarks.mathvista_model_extractions(client, questions, texts, answers, rows)
-    verdicts = [benchmarks.verdict(benchmark, a, r, e) for a, r, e in zip(answers, rows, extractions)]
-    again = [i for i, (a, r) in enumerate(zip(answers, rows))
-             if cfg.second_round and benchmarks.needs_second_round(benchmark, a, r)]
-    if again:
-        asked = [{"image": stage1.row_image(test, completions[i][0]["row"], columns["image"]), "answer": "",
-                  "question": benchmarks.second_round_prompt(completions[i][0]["question"],
-                                                             completions[i][1]["text"], rows[i]["options"])}
-                 for i in again]
-        greedy = stage2.Config(group_size=1, prompts_per_batch=cfg.prompts_per_batch, temperature=0.0,
-                               max_new_tokens=cfg.max_new_tokens, device=cfg.device, fast=cfg.fast)
-        replies = stage2.rollout_prompts(model, processor, asked, list(range(len(asked))),
-                                         dict(image="image", question="question", answer="answer"), greedy)
-        for i, reply in zip(again, replies):
-            verdicts[i] = benchmarks.second_round_verdict(reply["completions"][0]["text"], rows[i])
-    for s, v in zip(scores, verdicts):
-        s["accuracy"], s["unscorable"] = float(v == benchmarks.RIGHT), v == benchmarks.UNSCORABLE
-        s["task"] = s["accuracy"] + s["format"]
-
-
 def mean_se(values: list[float]) -> tuple[float, float]:
     """Mean and standard error of the mean (sample std / sqrt(n); 0 for one value)."""
     m = sum(values) / len(values)
@@ -364,6 +303,112 @@ def markdown_table(results: dict[str, list[dict]]) -> str:
 def method_of(run_name: str) -> str:
     """The method a run belongs to: "hras_seed1" -> "hras" (runs of one method differ only by seed)."""
     return run_name.split("_seed")[0]
+
+
+# ----------------------------------------------------------------------------- main
+def main(cfg: Config) -> dict:
+    from datasets import load_from_disk
+
+    checkpoints = check_config(cfg)  # every flag, before anything is read or loaded
+    started = time.time()
+    run_dir = Path(cfg.runs_dir) / cfg.run
+    if cfg.reproduce:
+        reproduce(cfg)
+    stage1_config = stage1.read_stage1(run_dir)["config"]
+    embedded = stage1_config["dataset"] is None and cfg.benchmark is None  # the rule oracle: embedded only
+    benchmark = cfg.benchmark or stage3.run_benchmark(stage1_config)  # None: answers_match, as in training
+    if cfg.benchmark:  # its rows in our columns: image, question, answer + the comparator's
+        from adapters import benchmarks
+
+        try:
+            test = benchmarks.load(cfg.benchmark, cfg.benchmark_split)
+        except SystemExit:
+            raise
+        except Exception as error:  # no network and not in the cache, a split it does not have
+            raise SystemExit(f"--benchmark {cfg.benchmark}: cannot load it ({error!r}). `datasets` downloads "
+                             f"it from the hub: run once with a network (then it is cached), or check "
+                             f"--benchmark-split.")
+        columns = {"image": "image", "question": "question", "answer": "answer"}
+    else:
+        data = load_from_disk(str(stage1.require(run_dir / "data", "python 01_sft_rm.py")))
+        test = data[stage1_config["test_split"]]
+        columns = stage2.data_columns(stage1_config)
+    if not checkpoints:
+        checkpoints = {"sft": str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))}
+        checkpoints |= {p.parent.name: str(p) for p in sorted(run_dir.glob("*/policy"))}
+    dtype = stage1.compute_dtype(cfg.device, cfg.dtype)  # nothing trains here: every model is stored in it
+    crm_path = cfg.crm or str(stage1.default_crm(run_dir))
+    crm, crm_tokenizer = stage1.load_crm(crm_path, cfg.device, dtype)
+    crm.eval()
+
+    per_checkpoint, records, skipped = {}, {}, {}
+    for name, path in tqdm(checkpoints.items(), desc="evaluating"):
+        try:
+            # a LoRA policy: base + adapter
+            model, processor = stage1.load_policy(path, cfg.device, dtype=dtype)
+        except Exception as error:  # a weights file cut short (a full disk, a copy that died): skipped too
+            skipped[name] = f"it does not load: {load_error(path, error)}"
+            print(f"\nskipping {name} ({path}): {skipped[name]}")
+            continue
+        bad = non_finite(model)
+        if bad:  # one diverged run must not stop the evaluation of the others
+            skipped[name] = f"{len(bad)} weight tensors hold NaN or inf, e.g. {bad[0]}"
+            print(f"\nskipping {name} ({path}): {skipped[name]}")
+            continue
+        per_checkpoint[name], records[name] = evaluate(stage1.unwrap(model).eval(), processor, test, columns,
+                                                       crm, crm_tokenizer, cfg, embedded, benchmark)
+        del model
+    if not per_checkpoint:
+        raise SystemExit(f"no checkpoint to evaluate: every one was skipped ({skipped}).")
+    grouped: dict[str, list[dict]] = {}
+    for name, metrics in per_checkpoint.items():
+        grouped.setdefault(method_of(name), []).append(metrics)
+    table = markdown_table(grouped)
+    mode = f"{cfg.samples} samples at T={cfg.temperature}" if cfg.temperature > 0 else "greedy"
+    where = (f"{cfg.benchmark} (split {cfg.benchmark_split or benchmarks.BENCHMARKS[cfg.benchmark].split})"
+             if cfg.benchmark else "Test split")
+    judge = "oracle" if embedded else "CRM"
+    header = (f"{where}, first {min(cfg.n, len(test))} prompts, {mode}. Cells: % (mean ± standard error "
+              f"over training seeds); IR = inconsistency rate; ir_steps / ir_answer = the oracle's steps -> "
+              f"conclusion / conclusion -> answer link fails; CC/CW/IC/IW = consistent/inconsistent x "
+              f"correct/wrong ({judge}).\n\n")
+    if benchmark == "cvbench":
+        complete = all(m["benchmark"]["complete"] for m in per_checkpoint.values())
+        missing = "" if complete else "; a source absent from these prompts: the mean of the parts present"
+        header += f"accuracy = CV-Bench's official score, 1/2 x ((ADE20K + COCO) / 2 + Omni3D){missing}.\n\n"
+    header += f"IR (CRM) by {crm_path}; ir_gap = IR (CRM) - IR (oracle).\n\n" if embedded else ""
+    if benchmark:  # replies no official rule could read: wrong, and counted (eval json: benchmark.unscorable)
+        counts = [f"{name} {m['benchmark']['unscorable']} of {m['n']}" for name, m in per_checkpoint.items()]
+        header += f"Unscorable (counted wrong): {', '.join(counts)}.\n\n"
+    header += "".join(f"Skipped {name}: {why}.\n\n" for name, why in skipped.items())
+    fooled = {name: m["ir_gap"] for name, m in per_checkpoint.items()
+              if m["ir_gap"] is not None and abs(m["ir_gap"]) > GAP_FLAG}
+    if fooled:  # the drift monitor's verdict on the finished policies
+        header += ("CRM and oracle IR differ by more than 5 points on " + ", ".join(
+            f"{name} ({100 * gap:+.1f})" for name, gap in fooled.items()) + ": there the CRM does not read the "
+            "policy's text as the oracle does (a negative gap: the policy fools it). Read examples.md.\n\n")
+    out = f"eval_{cfg.benchmark}" if cfg.benchmark else "eval"  # a benchmark's table beside the test split's
+    stage1.write_json_atomic(run_dir / f"{out}.json", {"config": dataclasses.asdict(cfg),
+                                                       "checkpoints": per_checkpoint, "skipped": skipped})
+    stage1.write_text_atomic(run_dir / f"{out}.md", header + table + "\n")
+    written = [f"{out}.json", f"{out}.md"]
+    if cfg.examples:
+        page = f"examples_{cfg.benchmark}" if cfg.benchmark else "examples"
+        write_examples(run_dir, page, test, columns["image"], records, cfg.examples,
+                       f"{where}, {mode}; kinds by the {judge}.")
+        written += [f"{page}.md", f"{page}/"]
+    panels = training_curves(run_dir)
+    if any(panels.values()):
+        plot_curves(panels, run_dir / "curves.png")
+        written.append("curves.png")
+    print("\n" + header + table)
+    print(f"\nwrote {', '.join(written)} in {run_dir} in {time.time() - started:.0f} s")
+    return per_checkpoint
+
+
+# ============================================================================================================
+# Appendix A: the examples page and the curves (skip on a first reading)
+# ============================================================================================================
 
 
 # ----------------------------------------------------------------------------- examples page
@@ -529,6 +574,11 @@ def training_curves(run_dir: Path) -> dict[str, dict[str, list[tuple[int, float]
     return panels
 
 
+# ============================================================================================================
+# Appendix B: --reproduce, the whole experiment in one command (skip on a first reading)
+# ============================================================================================================
+
+
 # ----------------------------------------------------------------------------- --reproduce
 def worker_count(jobs: str, device: str) -> int:
     """--jobs as a number: auto = 1 on CUDA (one GPU that processes would share), else 2 when the CPU has two
@@ -674,105 +724,70 @@ def train(todo: list, run_dir: Path, cfg: Config) -> None:
         stage5.main(config)
 
 
-# ----------------------------------------------------------------------------- main
-def main(cfg: Config) -> dict:
-    from datasets import load_from_disk
+# ============================================================================================================
+# Appendix C: loading checkpoints, a benchmark's official model calls (skip on a first reading)
+# ============================================================================================================
 
-    checkpoints = check_config(cfg)  # every flag, before anything is read or loaded
-    started = time.time()
-    run_dir = Path(cfg.runs_dir) / cfg.run
-    if cfg.reproduce:
-        reproduce(cfg)
-    stage1_config = stage1.read_stage1(run_dir)["config"]
-    embedded = stage1_config["dataset"] is None and cfg.benchmark is None  # the rule oracle: embedded only
-    benchmark = cfg.benchmark or stage3.run_benchmark(stage1_config)  # None: answers_match, as in training
-    if cfg.benchmark:  # its rows in our columns: image, question, answer + the comparator's
-        from adapters import benchmarks
 
+def non_finite(model) -> list[str]:
+    """Names of the parameters that hold a NaN or an infinity (a checkpoint a diverged run left)."""
+    return [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+
+
+def load_error(folder: str, error: Exception) -> str:
+    """Why a checkpoint does not load, naming its weight files that do not read (safetensors checks that a
+    file's header covers the whole file, so one cut short fails here, before any weight is read)."""
+    from safetensors import safe_open
+
+    broken = []
+    for path in sorted(Path(folder).glob("*.safetensors")):
         try:
-            test = benchmarks.load(cfg.benchmark, cfg.benchmark_split)
-        except SystemExit:
-            raise
-        except Exception as error:  # no network and not in the cache, a split it does not have
-            raise SystemExit(f"--benchmark {cfg.benchmark}: cannot load it ({error!r}). `datasets` downloads "
-                             f"it from the hub: run once with a network (then it is cached), or check "
-                             f"--benchmark-split.")
-        columns = {"image": "image", "question": "question", "answer": "answer"}
-    else:
-        data = load_from_disk(str(stage1.require(run_dir / "data", "python 01_sft_rm.py")))
-        test = data[stage1_config["test_split"]]
-        columns = stage2.data_columns(stage1_config)
-    if not checkpoints:
-        checkpoints = {"sft": str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))}
-        checkpoints |= {p.parent.name: str(p) for p in sorted(run_dir.glob("*/policy"))}
-    dtype = stage1.compute_dtype(cfg.device, cfg.dtype)  # nothing trains here: every model is stored in it
-    crm_path = cfg.crm or str(stage1.default_crm(run_dir))
-    crm, crm_tokenizer = stage1.load_crm(crm_path, cfg.device, dtype)
-    crm.eval()
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception as file_error:
+            broken.append(f"{path} is cut short or corrupt ({file_error})")
+    if not broken:
+        return f"{type(error).__name__}: {error}"
+    return "; ".join(broken) + " (copy it again, or rerun the stage-5 run that wrote it)"
 
-    per_checkpoint, records, skipped = {}, {}, {}
-    for name, path in tqdm(checkpoints.items(), desc="evaluating"):
-        try:
-            # a LoRA policy: base + adapter
-            model, processor = stage1.load_policy(path, cfg.device, dtype=dtype)
-        except Exception as error:  # a weights file cut short (a full disk, a copy that died): skipped too
-            skipped[name] = f"it does not load: {load_error(path, error)}"
-            print(f"\nskipping {name} ({path}): {skipped[name]}")
-            continue
-        bad = non_finite(model)
-        if bad:  # one diverged run must not stop the evaluation of the others
-            skipped[name] = f"{len(bad)} weight tensors hold NaN or inf, e.g. {bad[0]}"
-            print(f"\nskipping {name} ({path}): {skipped[name]}")
-            continue
-        per_checkpoint[name], records[name] = evaluate(stage1.unwrap(model).eval(), processor, test, columns,
-                                                       crm, crm_tokenizer, cfg, embedded, benchmark)
-        del model
-    if not per_checkpoint:
-        raise SystemExit(f"no checkpoint to evaluate: every one was skipped ({skipped}).")
-    grouped: dict[str, list[dict]] = {}
-    for name, metrics in per_checkpoint.items():
-        grouped.setdefault(method_of(name), []).append(metrics)
-    table = markdown_table(grouped)
-    mode = f"{cfg.samples} samples at T={cfg.temperature}" if cfg.temperature > 0 else "greedy"
-    where = (f"{cfg.benchmark} (split {cfg.benchmark_split or benchmarks.BENCHMARKS[cfg.benchmark].split})"
-             if cfg.benchmark else "Test split")
-    judge = "oracle" if embedded else "CRM"
-    header = (f"{where}, first {min(cfg.n, len(test))} prompts, {mode}. Cells: % (mean ± standard error "
-              f"over training seeds); IR = inconsistency rate; ir_steps / ir_answer = the oracle's steps -> "
-              f"conclusion / conclusion -> answer link fails; CC/CW/IC/IW = consistent/inconsistent x "
-              f"correct/wrong ({judge}).\n\n")
-    if benchmark == "cvbench":
-        complete = all(m["benchmark"]["complete"] for m in per_checkpoint.values())
-        missing = "" if complete else "; a source absent from these prompts: the mean of the parts present"
-        header += f"accuracy = CV-Bench's official score, 1/2 x ((ADE20K + COCO) / 2 + Omni3D){missing}.\n\n"
-    header += f"IR (CRM) by {crm_path}; ir_gap = IR (CRM) - IR (oracle).\n\n" if embedded else ""
-    if benchmark:  # replies no official rule could read: wrong, and counted (eval json: benchmark.unscorable)
-        counts = [f"{name} {m['benchmark']['unscorable']} of {m['n']}" for name, m in per_checkpoint.items()]
-        header += f"Unscorable (counted wrong): {', '.join(counts)}.\n\n"
-    header += "".join(f"Skipped {name}: {why}.\n\n" for name, why in skipped.items())
-    fooled = {name: m["ir_gap"] for name, m in per_checkpoint.items()
-              if m["ir_gap"] is not None and abs(m["ir_gap"]) > GAP_FLAG}
-    if fooled:  # the drift monitor's verdict on the finished policies
-        header += ("CRM and oracle IR differ by more than 5 points on " + ", ".join(
-            f"{name} ({100 * gap:+.1f})" for name, gap in fooled.items()) + ": there the CRM does not read the "
-            "policy's text as the oracle does (a negative gap: the policy fools it). Read examples.md.\n\n")
-    out = f"eval_{cfg.benchmark}" if cfg.benchmark else "eval"  # a benchmark's table beside the test split's
-    stage1.write_json_atomic(run_dir / f"{out}.json", {"config": dataclasses.asdict(cfg),
-                                                       "checkpoints": per_checkpoint, "skipped": skipped})
-    stage1.write_text_atomic(run_dir / f"{out}.md", header + table + "\n")
-    written = [f"{out}.json", f"{out}.md"]
-    if cfg.examples:
-        page = f"examples_{cfg.benchmark}" if cfg.benchmark else "examples"
-        write_examples(run_dir, page, test, columns["image"], records, cfg.examples,
-                       f"{where}, {mode}; kinds by the {judge}.")
-        written += [f"{page}.md", f"{page}/"]
-    panels = training_curves(run_dir)
-    if any(panels.values()):
-        plot_curves(panels, run_dir / "curves.png")
-        written.append("curves.png")
-    print("\n" + header + table)
-    print(f"\nwrote {', '.join(written)} in {run_dir} in {time.time() - started:.0f} s")
-    return per_checkpoint
+
+def official_verdicts(model, processor, test, columns: dict, prompts: list[dict], scores: list[dict],
+                      rows: list[dict], benchmark: str, cfg: Config) -> None:
+    """Each completion's official verdict into its score record (accuracy, task, unscorable), with the
+    official pipelines' model calls where asked (adapters/benchmarks.py holds their rules and prompts):
+    --second-round  puzzles: an answer naming no option gets the official second prompt, answered greedily
+                    by the same policy (after our format instruction, as every prompt); that reply is read
+    --extractor-url MathVista: where the official shortcuts do not apply, a model extracts the answer from
+                    the whole reply (the judge's client, adapters/judge.py; cached in extractions.jsonl)"""
+    from adapters import benchmarks
+
+    completions = [(p, c) for p in prompts for c in p["completions"]]
+    answers = [stage1.parse_completion(c["text"])[1] for _, c in completions]
+    extractions = [None] * len(completions)
+    if benchmark == "mathvista" and cfg.extractor_url:
+        from adapters.judge import UrlJudge
+
+        client = UrlJudge(cfg.extractor_url, cfg.extractor_model, max_tokens=64,
+                          cache_path=str(Path(cfg.runs_dir) / cfg.run / "extractions.jsonl"))
+        questions, texts = [p["question"] for p, _ in completions], [c["text"] for _, c in completions]
+        extractions = benchmarks.mathvista_model_extractions(client, questions, texts, answers, rows)
+    verdicts = [benchmarks.verdict(benchmark, a, r, e) for a, r, e in zip(answers, rows, extractions)]
+    again = [i for i, (a, r) in enumerate(zip(answers, rows))
+             if cfg.second_round and benchmarks.needs_second_round(benchmark, a, r)]
+    if again:
+        asked = [{"image": stage1.row_image(test, completions[i][0]["row"], columns["image"]), "answer": "",
+                  "question": benchmarks.second_round_prompt(completions[i][0]["question"],
+                                                             completions[i][1]["text"], rows[i]["options"])}
+                 for i in again]
+        greedy = stage2.Config(group_size=1, prompts_per_batch=cfg.prompts_per_batch, temperature=0.0,
+                               max_new_tokens=cfg.max_new_tokens, device=cfg.device, fast=cfg.fast)
+        replies = stage2.rollout_prompts(model, processor, asked, list(range(len(asked))),
+                                         dict(image="image", question="question", answer="answer"), greedy)
+        for i, reply in zip(again, replies):
+            verdicts[i] = benchmarks.second_round_verdict(reply["completions"][0]["text"], rows[i])
+    for s, v in zip(scores, verdicts):
+        s["accuracy"], s["unscorable"] = float(v == benchmarks.RIGHT), v == benchmarks.UNSCORABLE
+        s["task"] = s["accuracy"] + s["format"]
 
 
 if __name__ == "__main__":
