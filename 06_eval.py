@@ -307,35 +307,16 @@ def method_of(run_name: str) -> str:
 
 # ----------------------------------------------------------------------------- main
 def main(cfg: Config) -> dict:
-    from datasets import load_from_disk
-
     checkpoints = check_config(cfg)  # every flag, before anything is read or loaded
     started = time.time()
     run_dir = Path(cfg.runs_dir) / cfg.run
-    if cfg.reproduce:
+    if cfg.reproduce:  # stage 1 and every stage-5 run first (Appendix B)
         reproduce(cfg)
     stage1_config = stage1.read_stage1(run_dir)["config"]
     embedded = stage1_config["dataset"] is None and cfg.benchmark is None  # the rule oracle: embedded only
     benchmark = cfg.benchmark or stage3.run_benchmark(stage1_config)  # None: answers_match, as in training
-    if cfg.benchmark:  # its rows in our columns: image, question, answer + the comparator's
-        from adapters import benchmarks
-
-        try:
-            test = benchmarks.load(cfg.benchmark, cfg.benchmark_split)
-        except SystemExit:
-            raise
-        except Exception as error:  # no network and not in the cache, a split it does not have
-            raise SystemExit(f"--benchmark {cfg.benchmark}: cannot load it ({error!r}). `datasets` downloads "
-                             f"it from the hub: run once with a network (then it is cached), or check "
-                             f"--benchmark-split.")
-        columns = {"image": "image", "question": "question", "answer": "answer"}
-    else:
-        data = load_from_disk(str(stage1.require(run_dir / "data", "python 01_sft_rm.py")))
-        test = data[stage1_config["test_split"]]
-        columns = stage2.data_columns(stage1_config)
-    if not checkpoints:
-        checkpoints = {"sft": str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))}
-        checkpoints |= {p.parent.name: str(p) for p in sorted(run_dir.glob("*/policy"))}
+    test, columns = load_test_rows(cfg, run_dir, stage1_config)  # the test split, or --benchmark's rows
+    checkpoints = checkpoints or run_checkpoints(run_dir)  # no --checkpoints: SFT and every stage-5 run
     dtype = stage1.compute_dtype(cfg.device, cfg.dtype)  # nothing trains here: every model is stored in it
     crm_path = cfg.crm or str(stage1.default_crm(run_dir))
     crm, crm_tokenizer = stage1.load_crm(crm_path, cfg.device, dtype)
@@ -343,17 +324,8 @@ def main(cfg: Config) -> dict:
 
     per_checkpoint, records, skipped = {}, {}, {}
     for name, path in tqdm(checkpoints.items(), desc="evaluating"):
-        try:
-            # a LoRA policy: base + adapter
-            model, processor = stage1.load_policy(path, cfg.device, dtype=dtype)
-        except Exception as error:  # a weights file cut short (a full disk, a copy that died): skipped too
-            skipped[name] = f"it does not load: {load_error(path, error)}"
-            print(f"\nskipping {name} ({path}): {skipped[name]}")
-            continue
-        bad = non_finite(model)
-        if bad:  # one diverged run must not stop the evaluation of the others
-            skipped[name] = f"{len(bad)} weight tensors hold NaN or inf, e.g. {bad[0]}"
-            print(f"\nskipping {name} ({path}): {skipped[name]}")
+        model, processor = load_checkpoint(name, path, cfg.device, dtype, skipped)  # None: in skipped
+        if model is None:
             continue
         per_checkpoint[name], records[name] = evaluate(stage1.unwrap(model).eval(), processor, test, columns,
                                                        crm, crm_tokenizer, cfg, embedded, benchmark)
@@ -364,11 +336,41 @@ def main(cfg: Config) -> dict:
     for name, metrics in per_checkpoint.items():
         grouped.setdefault(method_of(name), []).append(metrics)
     table = markdown_table(grouped)
+    header = table_header(cfg, len(test), embedded, benchmark, crm_path, per_checkpoint, skipped)
+    out = f"eval_{cfg.benchmark}" if cfg.benchmark else "eval"  # a benchmark's table beside the test split's
+    stage1.write_json_atomic(run_dir / f"{out}.json", {"config": dataclasses.asdict(cfg),
+                                                       "checkpoints": per_checkpoint, "skipped": skipped})
+    stage1.write_text_atomic(run_dir / f"{out}.md", header + table + "\n")
+    written = [f"{out}.json", f"{out}.md", *examples_and_curves(cfg, run_dir, test, columns, records, embedded)]
+    print("\n" + header + table)
+    print(f"\nwrote {', '.join(written)} in {run_dir} in {time.time() - started:.0f} s")
+    return per_checkpoint
+
+
+# ============================================================================================================
+# Appendix A: the examples page and the curves (skip on a first reading)
+# ============================================================================================================
+
+
+# A.1 the report's header
+def setting(cfg: Config, embedded: bool) -> tuple[str, str, str]:
+    """Where the checkpoints were evaluated, how they sampled, and what judges the kinds (CC/CW/IC/IW)."""
     mode = f"{cfg.samples} samples at T={cfg.temperature}" if cfg.temperature > 0 else "greedy"
-    where = (f"{cfg.benchmark} (split {cfg.benchmark_split or benchmarks.BENCHMARKS[cfg.benchmark].split})"
-             if cfg.benchmark else "Test split")
-    judge = "oracle" if embedded else "CRM"
-    header = (f"{where}, first {min(cfg.n, len(test))} prompts, {mode}. Cells: % (mean ± standard error "
+    where = "Test split"
+    if cfg.benchmark:
+        from adapters import benchmarks
+
+        where = f"{cfg.benchmark} (split {cfg.benchmark_split or benchmarks.BENCHMARKS[cfg.benchmark].split})"
+    return where, mode, "oracle" if embedded else "CRM"
+
+
+def table_header(cfg: Config, n_test: int, embedded: bool, benchmark: str | None, crm_path: str,
+                 per_checkpoint: dict[str, dict], skipped: dict[str, str]) -> str:
+    """The paragraphs above eval.md's table: what it measured and what its columns mean, the benchmark's
+    official score and unscorable replies, the checkpoints skipped, and those whose CRM and oracle IR differ
+    by more than GAP_FLAG."""
+    where, mode, judge = setting(cfg, embedded)
+    header = (f"{where}, first {min(cfg.n, n_test)} prompts, {mode}. Cells: % (mean ± standard error "
               f"over training seeds); IR = inconsistency rate; ir_steps / ir_answer = the oracle's steps -> "
               f"conclusion / conclusion -> answer link fails; CC/CW/IC/IW = consistent/inconsistent x "
               f"correct/wrong ({judge}).\n\n")
@@ -387,12 +389,16 @@ def main(cfg: Config) -> dict:
         header += ("CRM and oracle IR differ by more than 5 points on " + ", ".join(
             f"{name} ({100 * gap:+.1f})" for name, gap in fooled.items()) + ": there the CRM does not read the "
             "policy's text as the oracle does (a negative gap: the policy fools it). Read examples.md.\n\n")
-    out = f"eval_{cfg.benchmark}" if cfg.benchmark else "eval"  # a benchmark's table beside the test split's
-    stage1.write_json_atomic(run_dir / f"{out}.json", {"config": dataclasses.asdict(cfg),
-                                                       "checkpoints": per_checkpoint, "skipped": skipped})
-    stage1.write_text_atomic(run_dir / f"{out}.md", header + table + "\n")
-    written = [f"{out}.json", f"{out}.md"]
+    return header
+
+
+def examples_and_curves(cfg: Config, run_dir: Path, test, columns: dict, records: dict[str, list[dict]],
+                        embedded: bool) -> list[str]:
+    """The examples page (--examples 0: none) and curves.png (when a stage-5 run logged metrics): the names
+    written."""
+    written = []
     if cfg.examples:
+        where, mode, judge = setting(cfg, embedded)
         page = f"examples_{cfg.benchmark}" if cfg.benchmark else "examples"
         write_examples(run_dir, page, test, columns["image"], records, cfg.examples,
                        f"{where}, {mode}; kinds by the {judge}.")
@@ -401,14 +407,7 @@ def main(cfg: Config) -> dict:
     if any(panels.values()):
         plot_curves(panels, run_dir / "curves.png")
         written.append("curves.png")
-    print("\n" + header + table)
-    print(f"\nwrote {', '.join(written)} in {run_dir} in {time.time() - started:.0f} s")
-    return per_checkpoint
-
-
-# ============================================================================================================
-# Appendix A: the examples page and the curves (skip on a first reading)
-# ============================================================================================================
+    return written
 
 
 # ----------------------------------------------------------------------------- examples page
@@ -727,6 +726,49 @@ def train(todo: list, run_dir: Path, cfg: Config) -> None:
 # ============================================================================================================
 # Appendix C: loading checkpoints, a benchmark's official model calls (skip on a first reading)
 # ============================================================================================================
+
+
+def load_test_rows(cfg: Config, run_dir: Path, stage1_config: dict) -> tuple:
+    """(rows, columns): the run's test split (stage 1's data), or with --benchmark that benchmark's rows in our
+    columns (image, question, answer + the comparator's), downloaded by `datasets`."""
+    if cfg.benchmark:
+        from adapters import benchmarks
+
+        try:
+            test = benchmarks.load(cfg.benchmark, cfg.benchmark_split)
+        except SystemExit:
+            raise
+        except Exception as error:  # no network and not in the cache, a split it does not have
+            raise SystemExit(f"--benchmark {cfg.benchmark}: cannot load it ({error!r}). `datasets` downloads "
+                             f"it from the hub: run once with a network (then it is cached), or check "
+                             f"--benchmark-split.")
+        return test, {"image": "image", "question": "question", "answer": "answer"}
+    from datasets import load_from_disk
+
+    data = load_from_disk(str(stage1.require(run_dir / "data", "python 01_sft_rm.py")))
+    return data[stage1_config["test_split"]], stage2.data_columns(stage1_config)
+
+
+def run_checkpoints(run_dir: Path) -> dict[str, str]:
+    """The checkpoints of a run, by name: policy_sft (stage 1) and every runs/<run>/<name>/policy (stage 5)."""
+    checkpoints = {"sft": str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))}
+    return checkpoints | {p.parent.name: str(p) for p in sorted(run_dir.glob("*/policy"))}
+
+
+def load_checkpoint(name: str, path: str, device: str, dtype, skipped: dict[str, str]) -> tuple:
+    """(model, processor), or (None, None) for a checkpoint that does not load or whose weights are not
+    finite, with why in skipped[name], printed: one broken run must not stop the evaluation of the others."""
+    try:
+        model, processor = stage1.load_policy(path, device, dtype=dtype)  # a LoRA policy: base + adapter
+    except Exception as error:  # a weights file cut short (a full disk, a copy that died): skipped too
+        skipped[name] = f"it does not load: {load_error(path, error)}"
+    else:
+        bad = non_finite(model)
+        if not bad:
+            return model, processor
+        skipped[name] = f"{len(bad)} weight tensors hold NaN or inf, e.g. {bad[0]}"  # a diverged run
+    print(f"\nskipping {name} ({path}): {skipped[name]}")
+    return None, None
 
 
 def non_finite(model) -> list[str]:
