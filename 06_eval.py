@@ -1,7 +1,14 @@
 """Stage 6: evaluation, curves, and the end-to-end experiment (SFT vs GRPO vs CORA vs sum).
 
-For each checkpoint, on the test split, K sampled completions per prompt (temperature T, the
-training temperature; --temperature 0 = one greedy completion):
+Reading guide: the file reads top to bottom as the lesson: Config, check_config, then 1. the metrics (what a
+completion counts for), 2. evaluate (one checkpoint: sample, score, aggregate), 3. the table (mean ± standard
+error over seeds) and 4. main() (the stage in order). Appendix A (the table's header; the examples page, where
+one completion of every checkpoint on a few test prompts shows each kind that occurs; the curves), B
+(--reproduce) and C (loading the rows and the checkpoints, a benchmark's official model calls) hold what a run
+needs but the lesson does not: skip them on a first reading.
+
+For each checkpoint, on the test split, K sampled completions per prompt (temperature T, the training
+temperature; --temperature 0 = one greedy completion):
 
   accuracy          share of completions whose <answer> matches the truth; on a paper benchmark
                     (--benchmark, or a run trained on one) by its official comparison, and for CV-Bench
@@ -18,35 +25,22 @@ training temperature; --temperature 0 = one greedy completion):
   CC CW IC IW       consistent/inconsistent x correct/wrong shares (oracle when there is one, else CRM)
   length            mean completion length in tokens
 
-Why sampled, not greedy, by default: on the embedded tasks the SFT policy's greedy replies are
-almost always consistent (the mode of a mixture in which stage 1's --inconsistent-frac of the traces
-are inconsistent), while its samples often are not. RL trains on samples, and the sampled IR is what
-GRPO changes.
+Why sampled, not greedy, by default: on the embedded tasks the SFT policy's greedy replies are almost always
+consistent (the mode of a mixture in which stage 1's --inconsistent-frac of the traces are inconsistent),
+while its samples often are not. RL trains on samples, and the sampled IR is what GRPO changes.
 
-The examples page (examples.md, images in examples/): a few test prompts (--examples), each with its
-image, question and true answer, and one completion of every checkpoint marked with its kind
-(CC/CW/IC/IW), the oracle's verdict link by link and the CRM's; the prompts and completions are picked
-from the ones just sampled so that every kind that occurs appears on the page.
+--reproduce runs the whole embedded experiment in one command: stage 1, stage 5 with --advantage grpo, hras
+and sum from the same SFT checkpoint, seeds, prompts and budget (resumable), then this evaluation of them all:
+one table. --jobs N trains N of those runs at once, one process each (Appendix B).
 
---reproduce runs the whole embedded experiment in one command: stage 1 once, then stage 5 with
---advantage grpo, hras and sum from the same SFT checkpoint with the same seeds, prompts and budget
-(resumable: finished runs are kept, killed ones resume), then this evaluation on all of them, and
-prints one table (mean +- standard error over seeds). --jobs N trains N of those runs at once, each
-in its own `python 05_grpo_train.py` process with cpu_count // N torch threads (its output in
-runs/<run>/<name>/stdout.log): on a CPU, small models use cores badly, so two 1-thread runs side by
-side finish sooner than one 2-thread run after the other. auto = 2 on a CPU with 2 cores or more, 1 on
-CUDA (one GPU, which processes would share).
+One process, also after a torchrun training: the checkpoints are whole Hugging Face folders, and the defaults
+sample 800 completions (200 prompts x 4) per checkpoint, as many as 12.5 training steps of 8 prompts x 8.
+Split over ranks, each rank would sample with its own random stream and the table would change with the
+number of GPUs. A checkpoint that does not load or whose weights are not finite is named and skipped.
 
-One process, also after a torchrun training: the checkpoints are whole Hugging Face folders, and the
-defaults sample 800 completions (200 prompts x 4) per checkpoint, as many as 12.5 training steps of
-8 prompts x 8. Split over ranks, each rank would sample with its own random stream and the table would
-change with the number of GPUs. A checkpoint that does not load (a weights file cut short) or whose weights
-are not finite is named and skipped; the others are evaluated.
-
---benchmark NAME evaluates every checkpoint on that benchmark's rows (the first --n of the split the
-paper reports, downloaded by `datasets`) instead of the run's test split; IR and CC/CW/IC/IW by the CRM.
-Its official rule is deterministic by default; --second-round (puzzles) and --extractor-url (MathVista)
-add the official pipelines' model calls (docs/benchmarks.md says which protocol each number follows).
+--benchmark NAME evaluates on that benchmark (the first --n rows of the split the paper reports, downloaded by
+`datasets`) instead of the test split, with no oracle. Its official rule is deterministic; --second-round
+(puzzles) and --extractor-url (MathVista) add the official pipelines' model calls (docs/benchmarks.md).
 
 Reads:  runs/<run>/{data,crm,policy_sft}/, runs/<run>/<name>/{policy,metrics.jsonl} (stages 1 and 5).
 Writes: runs/<run>/eval.json, eval.md, curves.png, examples.md and examples/<row>.png
@@ -108,8 +102,7 @@ class Config:
 
 
 def check_config(cfg: Config) -> dict[str, str]:
-    """Refuse flags that would crash or evaluate nothing, before anything is loaded.
-    Returns --checkpoints parsed."""
+    """Refuse flags that would crash or evaluate nothing, before anything loads: --checkpoints, parsed."""
     counts = {"--n": cfg.n, "--samples": cfg.samples, "--max-new-tokens": cfg.max_new_tokens,
               "--prompts-per-batch": cfg.prompts_per_batch, "--train-steps": cfg.train_steps,
               "--scale": cfg.scale}
@@ -125,29 +118,9 @@ def check_config(cfg: Config) -> dict[str, str]:
     if cfg.jobs != "auto" and not (cfg.jobs.isdigit() and int(cfg.jobs) >= 1):
         raise SystemExit(f"--jobs {cfg.jobs}: use auto or a number of processes >= 1.")
     stage1.compute_dtype(cfg.device, cfg.dtype)  # an unknown --dtype is refused there
-    if cfg.benchmark is not None:
-        from adapters import benchmarks
-
-        if cfg.benchmark not in benchmarks.BENCHMARKS:
-            raise SystemExit(f"--benchmark {cfg.benchmark}: unknown; use one of "
-                             f"{', '.join(benchmarks.BENCHMARKS)}.")
-    if bool(cfg.extractor_url) != bool(cfg.extractor_model):
-        raise SystemExit("--extractor-url and --extractor-model go together "
-                         "(e.g. --extractor-url http://localhost:8000/v1 --extractor-model gpt-4o).")
-    if cfg.reproduce:
-        unknown = [m for m in cfg.methods.split(",") if m not in METHODS]
-        if unknown:
-            raise SystemExit(f"--methods {cfg.methods}: {unknown} unknown; use a comma list of "
-                             f"{', '.join(METHODS)}.")
-        if not all(s.strip().lstrip("-").isdigit() for s in cfg.seeds.split(",")):
-            raise SystemExit(f"--seeds {cfg.seeds}: use a comma list of integers, e.g. 0,1,2.")
-    checkpoints = {}
-    for item in cfg.checkpoints.split(",") if cfg.checkpoints else []:
-        name, _, path = item.partition("=")
-        if not (name and path):
-            raise SystemExit(f"--checkpoints {cfg.checkpoints}: {item!r} is not name=path "
-                             f"(e.g. hras=runs/default/hras_seed0/policy).")
-        checkpoints[name] = path
+    check_benchmark_flags(cfg)  # --benchmark, --extractor-url and --extractor-model (Appendix C)
+    check_reproduce_flags(cfg)  # with --reproduce: --methods and --seeds (Appendix B)
+    checkpoints = parse_checkpoints(cfg.checkpoints)  # "name=path,..." as {name: path} (Appendix C)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise SystemExit("06_eval.py runs on one process (see its docstring): run it with python, "
                          "not torchrun.")
@@ -157,10 +130,7 @@ def check_config(cfg: Config) -> dict[str, str]:
     return checkpoints
 
 
-# ----------------------------------------------------------------------------- metrics
-GAP_FLAG = 0.05  # a checkpoint whose IR (CRM) and IR (oracle) differ by more than this is flagged
-
-
+# ------------------------------------------------- 1. metrics: what a completion counts for
 def eval_metrics(records: list[dict]) -> dict:
     """Aggregate per-completion records {accuracy, format, crm_prob, oracle_consistent, length}.
 
@@ -220,9 +190,9 @@ def crm_against_oracle(records: list[dict]) -> dict:
     oracle = [r["oracle_steps"] and r["oracle_answer"] for r in records]
     crm = [r["crm_prob"] >= 0.5 for r in records]
     steps_only = [r["crm_prob"] for r in records if not r["oracle_steps"] and r["oracle_answer"]]
+    caught = sum(p < 0.5 for p in steps_only) / len(steps_only) if steps_only else None
     return {"ir_gap": (sum(oracle) - sum(crm)) / n, "crm_agreement": sum(map(bool.__eq__, oracle, crm)) / n,
-            "steps_only": len(steps_only),
-            "crm_catches_steps_only": sum(p < 0.5 for p in steps_only) / len(steps_only) if steps_only else None}
+            "steps_only": len(steps_only), "crm_catches_steps_only": caught}
 
 
 def kind_of(record: dict) -> str:
@@ -233,6 +203,7 @@ def kind_of(record: dict) -> str:
     return ("C" if consistent else "I") + ("C" if record["accuracy"] > 0 else "W")
 
 
+# -------------------------------------------------- 2. evaluate: one checkpoint
 @torch.no_grad()
 def evaluate(model, processor, test, columns: dict, crm, crm_tokenizer, cfg: Config, embedded: bool,
              benchmark: str | None = None) -> tuple[dict, list[dict]]:
@@ -256,24 +227,21 @@ def evaluate(model, processor, test, columns: dict, crm, crm_tokenizer, cfg: Con
     comparator = stage3.comparator_rows(test, indices) if benchmark else None
     scores = stage3.score_completions(texts, questions, truths, crm, crm_tokenizer, reward_cfg, embedded,
                                       benchmark, comparator)
-    if benchmark:  # each completion's official verdict (a second round or a model's extraction where asked)
-        official_verdicts(model, processor, test, columns, prompts, scores, comparator, benchmark, cfg)
+    if benchmark:  # each completion's official verdict, and the number the benchmark reports (Appendix C)
+        official = official_verdicts(model, processor, test, columns, prompts, scores, comparator,
+                                     benchmark, cfg)
     completions = [(p, j, c) for p in prompts for j, c in enumerate(p["completions"])]
     records = [{**s, "row": p["row"], "question": p["question"], "answer": p["answer"], "sample": j,
                 "text": c["text"], "length": c["length"]} for s, (p, j, c) in zip(scores, completions)]
     for r in records:
         r["kind"] = kind_of(r)
     metrics = eval_metrics(records) | link_failure_rates(records) | crm_against_oracle(records)
-    if benchmark:  # the number the benchmark reports (CV-Bench: not the plain mean over completions)
-        from adapters import benchmarks
-
-        official = benchmarks.aggregate(benchmark, [{"correct": s["accuracy"] > 0, "source": r["source"],
-                                                     "unscorable": s["unscorable"]}
-                                                    for s, r in zip(scores, comparator)])
+    if benchmark:  # accuracy is the official score (CV-Bench: not the plain mean over completions)
         metrics |= {"accuracy": official["accuracy"], "benchmark": official}
     return metrics, records
 
 
+# ------------------------------------------- 3. the table: mean ± standard error over seeds
 def mean_se(values: list[float]) -> tuple[float, float]:
     """Mean and standard error of the mean (sample std / sqrt(n); 0 for one value)."""
     m = sum(values) / len(values)
@@ -284,8 +252,8 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 def markdown_table(results: dict[str, list[dict]]) -> str:
     """One row per method; cells 'mean +- se' over the checkpoints of that method (its seeds)."""
-    keys = ["accuracy", "ir_oracle", "ir_steps", "ir_answer", "ir_crm", "ir_gap", "format_rate", "CC", "CW", "IC",
-            "IW", "length"]
+    keys = ["accuracy", "ir_oracle", "ir_steps", "ir_answer", "ir_crm", "ir_gap", "format_rate",
+            "CC", "CW", "IC", "IW", "length"]
     keys = [k for k in keys if all(r.get(k) is not None for rs in results.values() for r in rs)]
     lines = ["| checkpoint | runs | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for name, rows in results.items():
@@ -305,7 +273,7 @@ def method_of(run_name: str) -> str:
     return run_name.split("_seed")[0]
 
 
-# ----------------------------------------------------------------------------- main
+# ------------------------------------------------------ 4. main: the stage in order
 def main(cfg: Config) -> dict:
     checkpoints = check_config(cfg)  # every flag, before anything is read or loaded
     started = time.time()
@@ -337,11 +305,8 @@ def main(cfg: Config) -> dict:
         grouped.setdefault(method_of(name), []).append(metrics)
     table = markdown_table(grouped)
     header = table_header(cfg, len(test), embedded, benchmark, crm_path, per_checkpoint, skipped)
-    out = f"eval_{cfg.benchmark}" if cfg.benchmark else "eval"  # a benchmark's table beside the test split's
-    stage1.write_json_atomic(run_dir / f"{out}.json", {"config": dataclasses.asdict(cfg),
-                                                       "checkpoints": per_checkpoint, "skipped": skipped})
-    stage1.write_text_atomic(run_dir / f"{out}.md", header + table + "\n")
-    written = [f"{out}.json", f"{out}.md", *examples_and_curves(cfg, run_dir, test, columns, records, embedded)]
+    written = write_tables(cfg, run_dir, header + table, per_checkpoint, skipped)  # eval.json, eval.md
+    written += examples_and_curves(cfg, run_dir, test, columns, records, embedded)
     print("\n" + header + table)
     print(f"\nwrote {', '.join(written)} in {run_dir} in {time.time() - started:.0f} s")
     return per_checkpoint
@@ -362,6 +327,9 @@ def setting(cfg: Config, embedded: bool) -> tuple[str, str, str]:
 
         where = f"{cfg.benchmark} (split {cfg.benchmark_split or benchmarks.BENCHMARKS[cfg.benchmark].split})"
     return where, mode, "oracle" if embedded else "CRM"
+
+
+GAP_FLAG = 0.05  # a checkpoint whose IR (CRM) and IR (oracle) differ by more than this is flagged
 
 
 def table_header(cfg: Config, n_test: int, embedded: bool, benchmark: str | None, crm_path: str,
@@ -390,6 +358,17 @@ def table_header(cfg: Config, n_test: int, embedded: bool, benchmark: str | None
             f"{name} ({100 * gap:+.1f})" for name, gap in fooled.items()) + ": there the CRM does not read the "
             "policy's text as the oracle does (a negative gap: the policy fools it). Read examples.md.\n\n")
     return header
+
+
+def write_tables(cfg: Config, run_dir: Path, markdown: str, per_checkpoint: dict[str, dict],
+                 skipped: dict[str, str]) -> list[str]:
+    """eval.json (the config, each checkpoint's metrics, the checkpoints skipped) and eval.md (the header and
+    the table), atomically: the names written."""
+    out = f"eval_{cfg.benchmark}" if cfg.benchmark else "eval"  # a benchmark's table beside the test split's
+    stage1.write_json_atomic(run_dir / f"{out}.json", {"config": dataclasses.asdict(cfg),
+                                                       "checkpoints": per_checkpoint, "skipped": skipped})
+    stage1.write_text_atomic(run_dir / f"{out}.md", markdown + "\n")
+    return [f"{out}.json", f"{out}.md"]
 
 
 def examples_and_curves(cfg: Config, run_dir: Path, test, columns: dict, records: dict[str, list[dict]],
@@ -599,6 +578,18 @@ METHODS = {
 }
 
 
+def check_reproduce_flags(cfg: Config) -> None:
+    """check_config's part for --reproduce: every --methods a row of METHODS, --seeds integers."""
+    if not cfg.reproduce:
+        return
+    unknown = [m for m in cfg.methods.split(",") if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods {cfg.methods}: {unknown} unknown; use a comma list of "
+                         f"{', '.join(METHODS)}.")
+    if not all(s.strip().lstrip("-").isdigit() for s in cfg.seeds.split(",")):
+        raise SystemExit(f"--seeds {cfg.seeds}: use a comma list of integers, e.g. 0,1,2.")
+
+
 def pending_runs(cfg: Config, run_dir: Path, methods: list[str] | None = None) -> list:
     """The stage-5 configs of every (method, seed) run still to train (methods: None = all of --methods), in
     order; a run with a summary.json is done and kept, one killed after a checkpoint resumes from it
@@ -728,6 +719,33 @@ def train(todo: list, run_dir: Path, cfg: Config) -> None:
 # ============================================================================================================
 
 
+def check_benchmark_flags(cfg: Config) -> None:
+    """check_config's part for a benchmark: a --benchmark adapters/benchmarks.py knows, and --extractor-url
+    and --extractor-model both or neither."""
+    if cfg.benchmark is not None:
+        from adapters import benchmarks
+
+        if cfg.benchmark not in benchmarks.BENCHMARKS:
+            raise SystemExit(f"--benchmark {cfg.benchmark}: unknown; use one of "
+                             f"{', '.join(benchmarks.BENCHMARKS)}.")
+    if bool(cfg.extractor_url) != bool(cfg.extractor_model):
+        raise SystemExit("--extractor-url and --extractor-model go together "
+                         "(e.g. --extractor-url http://localhost:8000/v1 --extractor-model gpt-4o).")
+
+
+def parse_checkpoints(text: str) -> dict[str, str]:
+    """--checkpoints as {name: path}: "sft=a/policy,hras=b/policy" -> {"sft": "a/policy", "hras": "b/policy"};
+    "" -> {} (main then evaluates every checkpoint of the run)."""
+    checkpoints = {}
+    for item in text.split(",") if text else []:
+        name, _, path = item.partition("=")
+        if not (name and path):
+            raise SystemExit(f"--checkpoints {text}: {item!r} is not name=path "
+                             f"(e.g. hras=runs/default/hras_seed0/policy).")
+        checkpoints[name] = path
+    return checkpoints
+
+
 def load_test_rows(cfg: Config, run_dir: Path, stage1_config: dict) -> tuple:
     """(rows, columns): the run's test split (stage 1's data), or with --benchmark that benchmark's rows in our
     columns (image, question, answer + the comparator's), downloaded by `datasets`."""
@@ -794,13 +812,15 @@ def load_error(folder: str, error: Exception) -> str:
 
 
 def official_verdicts(model, processor, test, columns: dict, prompts: list[dict], scores: list[dict],
-                      rows: list[dict], benchmark: str, cfg: Config) -> None:
+                      rows: list[dict], benchmark: str, cfg: Config) -> dict:
     """Each completion's official verdict into its score record (accuracy, task, unscorable), with the
     official pipelines' model calls where asked (adapters/benchmarks.py holds their rules and prompts):
     --second-round  puzzles: an answer naming no option gets the official second prompt, answered greedily
                     by the same policy (after our format instruction, as every prompt); that reply is read
     --extractor-url MathVista: where the official shortcuts do not apply, a model extracts the answer from
-                    the whole reply (the judge's client, adapters/judge.py; cached in extractions.jsonl)"""
+                    the whole reply (the judge's client, adapters/judge.py; cached in extractions.jsonl)
+    Returns the number the benchmark reports over them all (benchmarks.aggregate; CV-Bench's is not the plain
+    mean over completions)."""
     from adapters import benchmarks
 
     completions = [(p, c) for p in prompts for c in p["completions"]]
@@ -830,6 +850,8 @@ def official_verdicts(model, processor, test, columns: dict, prompts: list[dict]
     for s, v in zip(scores, verdicts):
         s["accuracy"], s["unscorable"] = float(v == benchmarks.RIGHT), v == benchmarks.UNSCORABLE
         s["task"] = s["accuracy"] + s["format"]
+    return benchmarks.aggregate(benchmark, [{"correct": s["accuracy"] > 0, "source": r["source"],
+                                             "unscorable": s["unscorable"]} for s, r in zip(scores, rows)])
 
 
 if __name__ == "__main__":
