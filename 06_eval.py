@@ -313,11 +313,11 @@ def main(cfg: Config) -> dict:
 
 
 # ============================================================================================================
-# Appendix A: the examples page and the curves (skip on a first reading)
+# Appendix A: the table's header, the examples page and the curves (skip on a first reading)
 # ============================================================================================================
 
 
-# A.1 the report's header
+# A.1 the table's header and its files
 def setting(cfg: Config, embedded: bool) -> tuple[str, str, str]:
     """Where the checkpoints were evaluated, how they sampled, and what judges the kinds (CC/CW/IC/IW)."""
     mode = f"{cfg.samples} samples at T={cfg.temperature}" if cfg.temperature > 0 else "greedy"
@@ -355,8 +355,9 @@ def table_header(cfg: Config, n_test: int, embedded: bool, benchmark: str | None
               if m["ir_gap"] is not None and abs(m["ir_gap"]) > GAP_FLAG}
     if fooled:  # the drift monitor's verdict on the finished policies
         header += ("CRM and oracle IR differ by more than 5 points on " + ", ".join(
-            f"{name} ({100 * gap:+.1f})" for name, gap in fooled.items()) + ": there the CRM does not read the "
-            "policy's text as the oracle does (a negative gap: the policy fools it). Read examples.md.\n\n")
+            f"{name} ({100 * gap:+.1f})" for name, gap in fooled.items()) + ": there the CRM does not read "
+            "the policy's text as the oracle does (a negative gap: the policy fools it). "
+            "Read examples.md.\n\n")
     return header
 
 
@@ -389,7 +390,7 @@ def examples_and_curves(cfg: Config, run_dir: Path, test, columns: dict, records
     return written
 
 
-# ----------------------------------------------------------------------------- examples page
+# A.2 the examples page: every kind of completion that occurs, shown
 KINDS = {"CC": "consistent, correct", "CW": "consistent, wrong", "IC": "inconsistent, correct",
          "IW": "inconsistent, wrong"}
 
@@ -483,7 +484,7 @@ def write_examples(run_dir: Path, page: str, test, image_column: str, records: d
     return path
 
 
-# ----------------------------------------------------------------------------- curves (drawn with Pillow)
+# A.3 the curves (drawn with Pillow)
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 
 
@@ -554,16 +555,13 @@ def training_curves(run_dir: Path) -> dict[str, dict[str, list[tuple[int, float]
 
 # ============================================================================================================
 # Appendix B: --reproduce, the whole experiment in one command (skip on a first reading)
+# Stage 1 once, then every (method, seed) stage-5 run from the same SFT checkpoint (finished runs are kept,
+# killed ones resume), then main evaluates them all. --jobs N trains N runs at once, each in its own
+# `python 05_grpo_train.py` process with cpu_count // N torch threads (its output in
+# runs/<run>/<name>/stdout.log): on a CPU, small models use cores badly, so two 1-thread runs side by side
+# finish sooner than one 2-thread run after the other. auto = 2 on a CPU with 2 cores or more, 1 on CUDA
+# (one GPU, which processes would share).
 # ============================================================================================================
-
-
-# ----------------------------------------------------------------------------- --reproduce
-def worker_count(jobs: str, device: str) -> int:
-    """--jobs as a number: auto = 1 on CUDA (one GPU that processes would share), else 2 when the CPU has two
-    cores or more (a small model keeps one core busy better than two), else 1."""
-    if jobs != "auto":
-        return int(jobs)
-    return 1 if device.startswith("cuda") else min(2, os.cpu_count() or 1)
 
 
 # --reproduce's rows: each a stage-5 method and the CRM it trains with (a folder of runs/<run>/). Runs are
@@ -590,6 +588,41 @@ def check_reproduce_flags(cfg: Config) -> None:
         raise SystemExit(f"--seeds {cfg.seeds}: use a comma list of integers, e.g. 0,1,2.")
 
 
+def reproduce(cfg: Config) -> None:
+    """The paper's recipe, end to end, every step kept once done: stage 1 (data, the SFT policy, the CRM of
+    its rollouts: runs/<run>/crm); the GRPO runs, which save their rollouts; the CRM trained on those
+    (stage 1 --crm-rollouts: runs/<run>/crm_rl); then every other (method, seed) run from the same SFT
+    checkpoint. Stage-5 runs go one after the other in this process with --jobs 1, else in worker processes
+    (run_in_processes)."""
+    run_dir = Path(cfg.runs_dir) / cfg.run
+    if not (run_dir / "stage1.json").exists():
+        stage1.main(stage1.Config(run=cfg.run, runs_dir=cfg.runs_dir, device=cfg.device, dtype=cfg.dtype))
+    methods = cfg.methods.split(",")
+    train(pending_runs(cfg, run_dir, [m for m in methods if METHODS[m]["crm"] == "crm"]), run_dir, cfg)
+    if any(METHODS[m]["crm"] == "crm_rl" for m in methods) and not (run_dir / "crm_rl").is_dir():
+        if "grpo" not in methods:
+            raise SystemExit(f"--methods {cfg.methods}: the CRM of the paper's recipe "
+                             f"(runs/{cfg.run}/crm_rl) trains on the GRPO runs' rollouts: add grpo.")
+        # the SFT-rollout CRM's own settings (steps, learning rate, backbone): the two differ in data only
+        same = {k: v for k, v in stage1.read_stage1(run_dir)["config"].items()
+                if k in ("seed", "crm", "crm_steps", "crm_batch_size", "crm_lr", "crm_max_length",
+                         "warmup_steps")}
+        rollouts = [str(run_dir / f"grpo_seed{s.strip()}" / "rollouts.jsonl") for s in cfg.seeds.split(",")]
+        stage1.main(stage1.Config(run=cfg.run, runs_dir=cfg.runs_dir, crm_rollouts=",".join(rollouts),
+                                  device=cfg.device, dtype=cfg.dtype, **same))
+    train(pending_runs(cfg, run_dir, [m for m in methods if METHODS[m]["crm"] != "crm"]), run_dir, cfg)
+
+
+def train(todo: list, run_dir: Path, cfg: Config) -> None:
+    """Stage-5 runs: in this process one after the other (--jobs 1), else in worker processes."""
+    jobs = worker_count(cfg.jobs, cfg.device)
+    if jobs > 1 and todo:
+        run_in_processes(todo, run_dir, jobs)
+        return
+    for config in todo:
+        stage5.main(config)
+
+
 def pending_runs(cfg: Config, run_dir: Path, methods: list[str] | None = None) -> list:
     """The stage-5 configs of every (method, seed) run still to train (methods: None = all of --methods), in
     order; a run with a summary.json is done and kept, one killed after a checkpoint resumes from it
@@ -605,38 +638,17 @@ def pending_runs(cfg: Config, run_dir: Path, methods: list[str] | None = None) -
             resume = stage5.latest_checkpoint(run_dir / name) is not None  # killed after a checkpoint
             todo.append(stage5.Config(run=cfg.run, runs_dir=cfg.runs_dir, name=name, seed=seed, **flags,
                                       steps=cfg.train_steps * cfg.scale, prompts_per_step=8 * cfg.scale,
-                                      resume=resume, overwrite=not resume, device=cfg.device, dtype=cfg.dtype))
+                                      resume=resume, overwrite=not resume, device=cfg.device,
+                                      dtype=cfg.dtype))
     return todo
 
 
-def config_argv(config) -> list[str]:
-    """The command-line flags that stage1.parse_config turns back into `config`: every switch that is on (the
-    parser reads a missing switch as off), and every other field that differs from its default. Checked by
-    parsing them back: a config the flags cannot carry is an error.
-    Example: stage5.Config(name="grpo_seed0", resume=True) -> ["--name", "grpo_seed0", "--resume", ...]."""
-    argv = []
-    for field in dataclasses.fields(config):
-        value, flag = getattr(config, field.name), "--" + field.name.replace("_", "-")
-        if field.type in (bool, "bool"):
-            argv += [flag] if value else []
-        elif value != field.default:
-            argv += [flag, str(value)]
-    try:
-        parsed = stage1.parse_config(type(config), "", argv)
-    except SystemExit:  # argparse already printed why
-        parsed = None
-    if parsed != config:
-        differ = [f.name for f in dataclasses.fields(config)
-                  if parsed is None or getattr(parsed, f.name) != getattr(config, f.name)]
-        raise ValueError(f"{type(config).__module__}: the command line cannot carry {differ} "
-                         f"(flags {argv}); run with --jobs 1.")
-    return argv
-
-
-def tail(path: Path, lines: int = 8) -> str:
-    """The last lines of a log (tqdm's carriage returns read as line ends)."""
-    text = path.read_text(errors="replace").replace("\r", "\n")
-    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+def worker_count(jobs: str, device: str) -> int:
+    """--jobs as a number: auto = 1 on CUDA (one GPU that processes would share), else 2 when the CPU has two
+    cores or more (a small model keeps one core busy better than two), else 1."""
+    if jobs != "auto":
+        return int(jobs)
+    return 1 if device.startswith("cuda") else min(2, os.cpu_count() or 1)
 
 
 def run_in_processes(configs: list, run_dir: Path, jobs: int) -> None:
@@ -680,42 +692,41 @@ def run_in_processes(configs: list, run_dir: Path, jobs: int) -> None:
                          f"finished runs are kept and a rerun resumes the others.\n" + "\n\n".join(failed))
 
 
-def reproduce(cfg: Config) -> None:
-    """The paper's recipe, end to end, every step kept once done: stage 1 (data, the SFT policy, the CRM of
-    its rollouts: runs/<run>/crm); the GRPO runs, which save their rollouts; the CRM trained on those
-    (stage 1 --crm-rollouts: runs/<run>/crm_rl); then every other (method, seed) run from the same SFT
-    checkpoint. Stage-5 runs go one after the other in this process with --jobs 1, else in worker processes
-    (run_in_processes)."""
-    run_dir = Path(cfg.runs_dir) / cfg.run
-    if not (run_dir / "stage1.json").exists():
-        stage1.main(stage1.Config(run=cfg.run, runs_dir=cfg.runs_dir, device=cfg.device, dtype=cfg.dtype))
-    methods = cfg.methods.split(",")
-    train(pending_runs(cfg, run_dir, [m for m in methods if METHODS[m]["crm"] == "crm"]), run_dir, cfg)
-    if any(METHODS[m]["crm"] == "crm_rl" for m in methods) and not (run_dir / "crm_rl").is_dir():
-        if "grpo" not in methods:
-            raise SystemExit(f"--methods {cfg.methods}: the CRM of the paper's recipe (runs/{cfg.run}/crm_rl) "
-                             f"trains on the GRPO runs' rollouts: add grpo.")
-        # the SFT-rollout CRM's own settings (steps, learning rate, backbone): the two differ in their data only
-        same = {k: v for k, v in stage1.read_stage1(run_dir)["config"].items()
-                if k in ("seed", "crm", "crm_steps", "crm_batch_size", "crm_lr", "crm_max_length", "warmup_steps")}
-        rollouts = [str(run_dir / f"grpo_seed{s.strip()}" / "rollouts.jsonl") for s in cfg.seeds.split(",")]
-        stage1.main(stage1.Config(run=cfg.run, runs_dir=cfg.runs_dir, crm_rollouts=",".join(rollouts),
-                                  device=cfg.device, dtype=cfg.dtype, **same))
-    train(pending_runs(cfg, run_dir, [m for m in methods if METHODS[m]["crm"] != "crm"]), run_dir, cfg)
+def config_argv(config) -> list[str]:
+    """The command-line flags that stage1.parse_config turns back into `config`: every switch that is on (the
+    parser reads a missing switch as off), and every other field that differs from its default. Checked by
+    parsing them back: a config the flags cannot carry is an error.
+    Example: stage5.Config(name="grpo_seed0", resume=True) -> ["--name", "grpo_seed0", "--resume", ...]."""
+    argv = []
+    for field in dataclasses.fields(config):
+        value, flag = getattr(config, field.name), "--" + field.name.replace("_", "-")
+        if field.type in (bool, "bool"):
+            argv += [flag] if value else []
+        elif value != field.default:
+            argv += [flag, str(value)]
+    try:
+        parsed = stage1.parse_config(type(config), "", argv)
+    except SystemExit:  # argparse already printed why
+        parsed = None
+    if parsed != config:
+        differ = [f.name for f in dataclasses.fields(config)
+                  if parsed is None or getattr(parsed, f.name) != getattr(config, f.name)]
+        raise ValueError(f"{type(config).__module__}: the command line cannot carry {differ} "
+                         f"(flags {argv}); run with --jobs 1.")
+    return argv
 
 
-def train(todo: list, run_dir: Path, cfg: Config) -> None:
-    """Stage-5 runs: in this process one after the other (--jobs 1), else in worker processes."""
-    jobs = worker_count(cfg.jobs, cfg.device)
-    if jobs > 1 and todo:
-        run_in_processes(todo, run_dir, jobs)
-        return
-    for config in todo:
-        stage5.main(config)
+def tail(path: Path, lines: int = 8) -> str:
+    """The last lines of a log (tqdm's carriage returns read as line ends)."""
+    text = path.read_text(errors="replace").replace("\r", "\n")
+    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
 
 
 # ============================================================================================================
-# Appendix C: loading checkpoints, a benchmark's official model calls (skip on a first reading)
+# Appendix C: flags, rows and checkpoints; a benchmark's official model calls (skip on a first reading)
+# What check_config, main and evaluate call but the lesson does not need: the benchmark flags and the
+# --checkpoints parser, the rows to evaluate, a run's checkpoints and why one is skipped, and the official
+# pipelines' verdicts with their model calls.
 # ============================================================================================================
 
 
@@ -747,8 +758,8 @@ def parse_checkpoints(text: str) -> dict[str, str]:
 
 
 def load_test_rows(cfg: Config, run_dir: Path, stage1_config: dict) -> tuple:
-    """(rows, columns): the run's test split (stage 1's data), or with --benchmark that benchmark's rows in our
-    columns (image, question, answer + the comparator's), downloaded by `datasets`."""
+    """(rows, columns): the run's test split (stage 1's data), or with --benchmark that benchmark's rows in
+    our columns (image, question, answer + the comparator's), downloaded by `datasets`."""
     if cfg.benchmark:
         from adapters import benchmarks
 
@@ -768,7 +779,7 @@ def load_test_rows(cfg: Config, run_dir: Path, stage1_config: dict) -> tuple:
 
 
 def run_checkpoints(run_dir: Path) -> dict[str, str]:
-    """The checkpoints of a run, by name: policy_sft (stage 1) and every runs/<run>/<name>/policy (stage 5)."""
+    """A run's checkpoints by name: policy_sft (stage 1) and every runs/<run>/<name>/policy (stage 5)."""
     checkpoints = {"sft": str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))}
     return checkpoints | {p.parent.name: str(p) for p in sorted(run_dir.glob("*/policy"))}
 
