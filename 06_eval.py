@@ -292,7 +292,7 @@ def main(cfg: Config) -> dict:
 
     per_checkpoint, records, skipped = {}, {}, {}
     for name, path in tqdm(checkpoints.items(), desc="evaluating"):
-        model, processor = load_checkpoint(name, path, cfg.device, dtype, skipped)  # None: in skipped
+        model, processor = load_checkpoint(name, path, cfg.device, dtype, skipped)  # None when skipped
         if model is None:
             continue
         per_checkpoint[name], records[name] = evaluate(stage1.unwrap(model).eval(), processor, test, columns,
@@ -390,7 +390,9 @@ def examples_and_curves(cfg: Config, run_dir: Path, test, columns: dict, records
     return written
 
 
-# A.2 the examples page: every kind of completion that occurs, shown
+# A.2 the examples page: a few test prompts, each with its image, question and true answer, and one completion
+# of every checkpoint marked with its kind (CC/CW/IC/IW), the oracle's verdict link by link and the CRM's; the
+# prompts and completions are picked from the ones just sampled so that every kind that occurs appears.
 KINDS = {"CC": "consistent, correct", "CW": "consistent, wrong", "IC": "inconsistent, correct",
          "IW": "inconsistent, wrong"}
 
