@@ -130,7 +130,7 @@ def check_config(cfg: Config) -> dict[str, str]:
     return checkpoints
 
 
-# ------------------------------------------------- 1. metrics: what a completion counts for
+# ------------------------------------- 1. metrics: what a completion counts for
 def eval_metrics(records: list[dict]) -> dict:
     """Aggregate per-completion records {accuracy, format, crm_prob, oracle_consistent, length}.
 
@@ -241,7 +241,7 @@ def evaluate(model, processor, test, columns: dict, crm, crm_tokenizer, cfg: Con
     return metrics, records
 
 
-# ------------------------------------------- 3. the table: mean ± standard error over seeds
+# ------------------------------- 3. the table: mean ± standard error over seeds
 def mean_se(values: list[float]) -> tuple[float, float]:
     """Mean and standard error of the mean (sample std / sqrt(n); 0 for one value)."""
     m = sum(values) / len(values)
@@ -273,7 +273,7 @@ def method_of(run_name: str) -> str:
     return run_name.split("_seed")[0]
 
 
-# ------------------------------------------------------ 4. main: the stage in order
+# -------------------------------------------------- 4. main: the stage in order
 def main(cfg: Config) -> dict:
     checkpoints = check_config(cfg)  # every flag, before anything is read or loaded
     started = time.time()
