@@ -1,7 +1,14 @@
 """Stage 6: evaluation, curves, and the end-to-end experiment (SFT vs GRPO vs CORA vs sum).
 
-For each checkpoint, on the test split, K sampled completions per prompt (temperature T, the
-training temperature; --temperature 0 = one greedy completion):
+Reading guide: the file reads top to bottom as the lesson: Config, check_config, then 1. the metrics (what a
+completion counts for), 2. evaluate (one checkpoint: sample, score, aggregate), 3. the table (mean ± standard
+error over seeds) and 4. main() (the stage in order). Appendix A (the table's header; the examples page, where
+one completion of every checkpoint on a few test prompts shows each kind that occurs; the curves), B
+(--reproduce) and C (loading the rows and the checkpoints, a benchmark's official model calls) hold what a run
+needs but the lesson does not: skip them on a first reading.
+
+For each checkpoint, on the test split, K sampled completions per prompt (temperature T, the training
+temperature; --temperature 0 = one greedy completion):
 
   accuracy          share of completions whose <answer> matches the truth; on a paper benchmark
                     (--benchmark, or a run trained on one) by its official comparison, and for CV-Bench
@@ -18,35 +25,22 @@ training temperature; --temperature 0 = one greedy completion):
   CC CW IC IW       consistent/inconsistent x correct/wrong shares (oracle when there is one, else CRM)
   length            mean completion length in tokens
 
-Why sampled, not greedy, by default: on the embedded tasks the SFT policy's greedy replies are
-almost always consistent (the mode of a mixture in which stage 1's --inconsistent-frac of the traces
-are inconsistent), while its samples often are not. RL trains on samples, and the sampled IR is what
-GRPO changes.
+Why sampled, not greedy, by default: on the embedded tasks the SFT policy's greedy replies are almost always
+consistent (the mode of a mixture in which stage 1's --inconsistent-frac of the traces are inconsistent),
+while its samples often are not. RL trains on samples, and the sampled IR is what GRPO changes.
 
-The examples page (examples.md, images in examples/): a few test prompts (--examples), each with its
-image, question and true answer, and one completion of every checkpoint marked with its kind
-(CC/CW/IC/IW), the oracle's verdict link by link and the CRM's; the prompts and completions are picked
-from the ones just sampled so that every kind that occurs appears on the page.
+--reproduce runs the whole embedded experiment in one command: stage 1, stage 5 with --advantage grpo, hras
+and sum from the same SFT checkpoint, seeds, prompts and budget (resumable), then this evaluation of them all:
+one table. --jobs N trains N of those runs at once, one process each (Appendix B).
 
---reproduce runs the whole embedded experiment in one command: stage 1 once, then stage 5 with
---advantage grpo, hras and sum from the same SFT checkpoint with the same seeds, prompts and budget
-(resumable: finished runs are kept, killed ones resume), then this evaluation on all of them, and
-prints one table (mean +- standard error over seeds). --jobs N trains N of those runs at once, each
-in its own `python 05_grpo_train.py` process with cpu_count // N torch threads (its output in
-runs/<run>/<name>/stdout.log): on a CPU, small models use cores badly, so two 1-thread runs side by
-side finish sooner than one 2-thread run after the other. auto = 2 on a CPU with 2 cores or more, 1 on
-CUDA (one GPU, which processes would share).
+One process, also after a torchrun training: the checkpoints are whole Hugging Face folders, and the defaults
+sample 800 completions (200 prompts x 4) per checkpoint, as many as 12.5 training steps of 8 prompts x 8.
+Split over ranks, each rank would sample with its own random stream and the table would change with the
+number of GPUs. A checkpoint that does not load or whose weights are not finite is named and skipped.
 
-One process, also after a torchrun training: the checkpoints are whole Hugging Face folders, and the
-defaults sample 800 completions (200 prompts x 4) per checkpoint, as many as 12.5 training steps of
-8 prompts x 8. Split over ranks, each rank would sample with its own random stream and the table would
-change with the number of GPUs. A checkpoint that does not load (a weights file cut short) or whose weights
-are not finite is named and skipped; the others are evaluated.
-
---benchmark NAME evaluates every checkpoint on that benchmark's rows (the first --n of the split the
-paper reports, downloaded by `datasets`) instead of the run's test split; IR and CC/CW/IC/IW by the CRM.
-Its official rule is deterministic by default; --second-round (puzzles) and --extractor-url (MathVista)
-add the official pipelines' model calls (docs/benchmarks.md says which protocol each number follows).
+--benchmark NAME evaluates on that benchmark (the first --n rows of the split the paper reports, downloaded by
+`datasets`) instead of the test split, with no oracle. Its official rule is deterministic; --second-round
+(puzzles) and --extractor-url (MathVista) add the official pipelines' model calls (docs/benchmarks.md).
 
 Reads:  runs/<run>/{data,crm,policy_sft}/, runs/<run>/<name>/{policy,metrics.jsonl} (stages 1 and 5).
 Writes: runs/<run>/eval.json, eval.md, curves.png, examples.md and examples/<row>.png
@@ -108,8 +102,7 @@ class Config:
 
 
 def check_config(cfg: Config) -> dict[str, str]:
-    """Refuse flags that would crash or evaluate nothing, before anything is loaded.
-    Returns --checkpoints parsed."""
+    """Refuse flags that would crash or evaluate nothing, before anything loads: --checkpoints, parsed."""
     counts = {"--n": cfg.n, "--samples": cfg.samples, "--max-new-tokens": cfg.max_new_tokens,
               "--prompts-per-batch": cfg.prompts_per_batch, "--train-steps": cfg.train_steps,
               "--scale": cfg.scale}
@@ -125,29 +118,9 @@ def check_config(cfg: Config) -> dict[str, str]:
     if cfg.jobs != "auto" and not (cfg.jobs.isdigit() and int(cfg.jobs) >= 1):
         raise SystemExit(f"--jobs {cfg.jobs}: use auto or a number of processes >= 1.")
     stage1.compute_dtype(cfg.device, cfg.dtype)  # an unknown --dtype is refused there
-    if cfg.benchmark is not None:
-        from adapters import benchmarks
-
-        if cfg.benchmark not in benchmarks.BENCHMARKS:
-            raise SystemExit(f"--benchmark {cfg.benchmark}: unknown; use one of "
-                             f"{', '.join(benchmarks.BENCHMARKS)}.")
-    if bool(cfg.extractor_url) != bool(cfg.extractor_model):
-        raise SystemExit("--extractor-url and --extractor-model go together "
-                         "(e.g. --extractor-url http://localhost:8000/v1 --extractor-model gpt-4o).")
-    if cfg.reproduce:
-        unknown = [m for m in cfg.methods.split(",") if m not in METHODS]
-        if unknown:
-            raise SystemExit(f"--methods {cfg.methods}: {unknown} unknown; use a comma list of "
-                             f"{', '.join(METHODS)}.")
-        if not all(s.strip().lstrip("-").isdigit() for s in cfg.seeds.split(",")):
-            raise SystemExit(f"--seeds {cfg.seeds}: use a comma list of integers, e.g. 0,1,2.")
-    checkpoints = {}
-    for item in cfg.checkpoints.split(",") if cfg.checkpoints else []:
-        name, _, path = item.partition("=")
-        if not (name and path):
-            raise SystemExit(f"--checkpoints {cfg.checkpoints}: {item!r} is not name=path "
-                             f"(e.g. hras=runs/default/hras_seed0/policy).")
-        checkpoints[name] = path
+    check_benchmark_flags(cfg)  # --benchmark, --extractor-url and --extractor-model (Appendix C)
+    check_reproduce_flags(cfg)  # with --reproduce: --methods and --seeds (Appendix B)
+    checkpoints = parse_checkpoints(cfg.checkpoints)  # "name=path,..." as {name: path} (Appendix C)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:
         raise SystemExit("06_eval.py runs on one process (see its docstring): run it with python, "
                          "not torchrun.")
@@ -157,32 +130,7 @@ def check_config(cfg: Config) -> dict[str, str]:
     return checkpoints
 
 
-def non_finite(model) -> list[str]:
-    """Names of the parameters that hold a NaN or an infinity (a checkpoint a diverged run left)."""
-    return [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
-
-
-def load_error(folder: str, error: Exception) -> str:
-    """Why a checkpoint does not load, naming its weight files that do not read (safetensors checks that a
-    file's header covers the whole file, so one cut short fails here, before any weight is read)."""
-    from safetensors import safe_open
-
-    broken = []
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        try:
-            with safe_open(str(path), "pt"):
-                pass
-        except Exception as file_error:
-            broken.append(f"{path} is cut short or corrupt ({file_error})")
-    if not broken:
-        return f"{type(error).__name__}: {error}"
-    return "; ".join(broken) + " (copy it again, or rerun the stage-5 run that wrote it)"
-
-
-# ----------------------------------------------------------------------------- metrics
-GAP_FLAG = 0.05  # a checkpoint whose IR (CRM) and IR (oracle) differ by more than this is flagged
-
-
+# ------------------------------------- 1. metrics: what a completion counts for
 def eval_metrics(records: list[dict]) -> dict:
     """Aggregate per-completion records {accuracy, format, crm_prob, oracle_consistent, length}.
 
@@ -242,9 +190,9 @@ def crm_against_oracle(records: list[dict]) -> dict:
     oracle = [r["oracle_steps"] and r["oracle_answer"] for r in records]
     crm = [r["crm_prob"] >= 0.5 for r in records]
     steps_only = [r["crm_prob"] for r in records if not r["oracle_steps"] and r["oracle_answer"]]
+    caught = sum(p < 0.5 for p in steps_only) / len(steps_only) if steps_only else None
     return {"ir_gap": (sum(oracle) - sum(crm)) / n, "crm_agreement": sum(map(bool.__eq__, oracle, crm)) / n,
-            "steps_only": len(steps_only),
-            "crm_catches_steps_only": sum(p < 0.5 for p in steps_only) / len(steps_only) if steps_only else None}
+            "steps_only": len(steps_only), "crm_catches_steps_only": caught}
 
 
 def kind_of(record: dict) -> str:
@@ -255,6 +203,7 @@ def kind_of(record: dict) -> str:
     return ("C" if consistent else "I") + ("C" if record["accuracy"] > 0 else "W")
 
 
+# -------------------------------------------------- 2. evaluate: one checkpoint
 @torch.no_grad()
 def evaluate(model, processor, test, columns: dict, crm, crm_tokenizer, cfg: Config, embedded: bool,
              benchmark: str | None = None) -> tuple[dict, list[dict]]:
@@ -278,63 +227,21 @@ def evaluate(model, processor, test, columns: dict, crm, crm_tokenizer, cfg: Con
     comparator = stage3.comparator_rows(test, indices) if benchmark else None
     scores = stage3.score_completions(texts, questions, truths, crm, crm_tokenizer, reward_cfg, embedded,
                                       benchmark, comparator)
-    if benchmark:  # each completion's official verdict (a second round or a model's extraction where asked)
-        official_verdicts(model, processor, test, columns, prompts, scores, comparator, benchmark, cfg)
+    if benchmark:  # each completion's official verdict, and the number the benchmark reports (Appendix C)
+        official = official_verdicts(model, processor, test, columns, prompts, scores, comparator,
+                                     benchmark, cfg)
     completions = [(p, j, c) for p in prompts for j, c in enumerate(p["completions"])]
     records = [{**s, "row": p["row"], "question": p["question"], "answer": p["answer"], "sample": j,
                 "text": c["text"], "length": c["length"]} for s, (p, j, c) in zip(scores, completions)]
     for r in records:
         r["kind"] = kind_of(r)
     metrics = eval_metrics(records) | link_failure_rates(records) | crm_against_oracle(records)
-    if benchmark:  # the number the benchmark reports (CV-Bench: not the plain mean over completions)
-        from adapters import benchmarks
-
-        official = benchmarks.aggregate(benchmark, [{"correct": s["accuracy"] > 0, "source": r["source"],
-                                                     "unscorable": s["unscorable"]}
-                                                    for s, r in zip(scores, comparator)])
+    if benchmark:  # accuracy is the official score (CV-Bench: not the plain mean over completions)
         metrics |= {"accuracy": official["accuracy"], "benchmark": official}
     return metrics, records
 
 
-def official_verdicts(model, processor, test, columns: dict, prompts: list[dict], scores: list[dict],
-                      rows: list[dict], benchmark: str, cfg: Config) -> None:
-    """Each completion's official verdict into its score record (accuracy, task, unscorable), with the
-    official pipelines' model calls where asked (adapters/benchmarks.py holds their rules and prompts):
-    --second-round  puzzles: an answer naming no option gets the official second prompt, answered greedily
-                    by the same policy (after our format instruction, as every prompt); that reply is read
-    --extractor-url MathVista: where the official shortcuts do not apply, a model extracts the answer from
-                    the whole reply (the judge's client, adapters/judge.py; cached in extractions.jsonl)"""
-    from adapters import benchmarks
-
-    completions = [(p, c) for p in prompts for c in p["completions"]]
-    answers = [stage1.parse_completion(c["text"])[1] for _, c in completions]
-    extractions = [None] * len(completions)
-    if benchmark == "mathvista" and cfg.extractor_url:
-        from adapters.judge import UrlJudge
-
-        client = UrlJudge(cfg.extractor_url, cfg.extractor_model, max_tokens=64,
-                          cache_path=str(Path(cfg.runs_dir) / cfg.run / "extractions.jsonl"))
-        questions, texts = [p["question"] for p, _ in completions], [c["text"] for _, c in completions]
-        extractions = benchmarks.mathvista_model_extractions(client, questions, texts, answers, rows)
-    verdicts = [benchmarks.verdict(benchmark, a, r, e) for a, r, e in zip(answers, rows, extractions)]
-    again = [i for i, (a, r) in enumerate(zip(answers, rows))
-             if cfg.second_round and benchmarks.needs_second_round(benchmark, a, r)]
-    if again:
-        asked = [{"image": stage1.row_image(test, completions[i][0]["row"], columns["image"]), "answer": "",
-                  "question": benchmarks.second_round_prompt(completions[i][0]["question"],
-                                                             completions[i][1]["text"], rows[i]["options"])}
-                 for i in again]
-        greedy = stage2.Config(group_size=1, prompts_per_batch=cfg.prompts_per_batch, temperature=0.0,
-                               max_new_tokens=cfg.max_new_tokens, device=cfg.device, fast=cfg.fast)
-        replies = stage2.rollout_prompts(model, processor, asked, list(range(len(asked))),
-                                         dict(image="image", question="question", answer="answer"), greedy)
-        for i, reply in zip(again, replies):
-            verdicts[i] = benchmarks.second_round_verdict(reply["completions"][0]["text"], rows[i])
-    for s, v in zip(scores, verdicts):
-        s["accuracy"], s["unscorable"] = float(v == benchmarks.RIGHT), v == benchmarks.UNSCORABLE
-        s["task"] = s["accuracy"] + s["format"]
-
-
+# ------------------------------- 3. the table: mean ± standard error over seeds
 def mean_se(values: list[float]) -> tuple[float, float]:
     """Mean and standard error of the mean (sample std / sqrt(n); 0 for one value)."""
     m = sum(values) / len(values)
@@ -345,8 +252,8 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 def markdown_table(results: dict[str, list[dict]]) -> str:
     """One row per method; cells 'mean +- se' over the checkpoints of that method (its seeds)."""
-    keys = ["accuracy", "ir_oracle", "ir_steps", "ir_answer", "ir_crm", "ir_gap", "format_rate", "CC", "CW", "IC",
-            "IW", "length"]
+    keys = ["accuracy", "ir_oracle", "ir_steps", "ir_answer", "ir_crm", "ir_gap", "format_rate",
+            "CC", "CW", "IC", "IW", "length"]
     keys = [k for k in keys if all(r.get(k) is not None for rs in results.values() for r in rs)]
     lines = ["| checkpoint | runs | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for name, rows in results.items():
@@ -366,7 +273,126 @@ def method_of(run_name: str) -> str:
     return run_name.split("_seed")[0]
 
 
-# ----------------------------------------------------------------------------- examples page
+# -------------------------------------------------- 4. main: the stage in order
+def main(cfg: Config) -> dict:
+    checkpoints = check_config(cfg)  # every flag, before anything is read or loaded
+    started = time.time()
+    run_dir = Path(cfg.runs_dir) / cfg.run
+    if cfg.reproduce:  # stage 1 and every stage-5 run first (Appendix B)
+        reproduce(cfg)
+    stage1_config = stage1.read_stage1(run_dir)["config"]
+    embedded = stage1_config["dataset"] is None and cfg.benchmark is None  # the rule oracle: embedded only
+    benchmark = cfg.benchmark or stage3.run_benchmark(stage1_config)  # None: answers_match, as in training
+    test, columns = load_test_rows(cfg, run_dir, stage1_config)  # the test split, or --benchmark's rows
+    checkpoints = checkpoints or run_checkpoints(run_dir)  # no --checkpoints: SFT and every stage-5 run
+    dtype = stage1.compute_dtype(cfg.device, cfg.dtype)  # nothing trains here: every model is stored in it
+    crm_path = cfg.crm or str(stage1.default_crm(run_dir))
+    crm, crm_tokenizer = stage1.load_crm(crm_path, cfg.device, dtype)
+    crm.eval()
+
+    per_checkpoint, records, skipped = {}, {}, {}
+    for name, path in tqdm(checkpoints.items(), desc="evaluating"):
+        model, processor = load_checkpoint(name, path, cfg.device, dtype, skipped)  # None when skipped
+        if model is None:
+            continue
+        per_checkpoint[name], records[name] = evaluate(stage1.unwrap(model).eval(), processor, test, columns,
+                                                       crm, crm_tokenizer, cfg, embedded, benchmark)
+        del model
+    if not per_checkpoint:
+        raise SystemExit(f"no checkpoint to evaluate: every one was skipped ({skipped}).")
+    grouped: dict[str, list[dict]] = {}
+    for name, metrics in per_checkpoint.items():
+        grouped.setdefault(method_of(name), []).append(metrics)
+    table = markdown_table(grouped)
+    header = table_header(cfg, len(test), embedded, benchmark, crm_path, per_checkpoint, skipped)
+    written = write_tables(cfg, run_dir, header + table, per_checkpoint, skipped)  # eval.json, eval.md
+    written += examples_and_curves(cfg, run_dir, test, columns, records, embedded)
+    print("\n" + header + table)
+    print(f"\nwrote {', '.join(written)} in {run_dir} in {time.time() - started:.0f} s")
+    return per_checkpoint
+
+
+# ============================================================================================================
+# Appendix A: the table's header, the examples page and the curves (skip on a first reading)
+# ============================================================================================================
+
+
+# A.1 the table's header and its files
+def setting(cfg: Config, embedded: bool) -> tuple[str, str, str]:
+    """Where the checkpoints were evaluated, how they sampled, and what judges the kinds (CC/CW/IC/IW)."""
+    mode = f"{cfg.samples} samples at T={cfg.temperature}" if cfg.temperature > 0 else "greedy"
+    where = "Test split"
+    if cfg.benchmark:
+        from adapters import benchmarks
+
+        where = f"{cfg.benchmark} (split {cfg.benchmark_split or benchmarks.BENCHMARKS[cfg.benchmark].split})"
+    return where, mode, "oracle" if embedded else "CRM"
+
+
+GAP_FLAG = 0.05  # a checkpoint whose IR (CRM) and IR (oracle) differ by more than this is flagged
+
+
+def table_header(cfg: Config, n_test: int, embedded: bool, benchmark: str | None, crm_path: str,
+                 per_checkpoint: dict[str, dict], skipped: dict[str, str]) -> str:
+    """The paragraphs above eval.md's table: what it measured and what its columns mean, the benchmark's
+    official score and unscorable replies, the checkpoints skipped, and those whose CRM and oracle IR differ
+    by more than GAP_FLAG."""
+    where, mode, judge = setting(cfg, embedded)
+    header = (f"{where}, first {min(cfg.n, n_test)} prompts, {mode}. Cells: % (mean ± standard error "
+              f"over training seeds); IR = inconsistency rate; ir_steps / ir_answer = the oracle's steps -> "
+              f"conclusion / conclusion -> answer link fails; CC/CW/IC/IW = consistent/inconsistent x "
+              f"correct/wrong ({judge}).\n\n")
+    if benchmark == "cvbench":
+        complete = all(m["benchmark"]["complete"] for m in per_checkpoint.values())
+        missing = "" if complete else "; a source absent from these prompts: the mean of the parts present"
+        header += f"accuracy = CV-Bench's official score, 1/2 x ((ADE20K + COCO) / 2 + Omni3D){missing}.\n\n"
+    header += f"IR (CRM) by {crm_path}; ir_gap = IR (CRM) - IR (oracle).\n\n" if embedded else ""
+    if benchmark:  # replies no official rule could read: wrong, and counted (eval json: benchmark.unscorable)
+        counts = [f"{name} {m['benchmark']['unscorable']} of {m['n']}" for name, m in per_checkpoint.items()]
+        header += f"Unscorable (counted wrong): {', '.join(counts)}.\n\n"
+    header += "".join(f"Skipped {name}: {why}.\n\n" for name, why in skipped.items())
+    fooled = {name: m["ir_gap"] for name, m in per_checkpoint.items()
+              if m["ir_gap"] is not None and abs(m["ir_gap"]) > GAP_FLAG}
+    if fooled:  # the drift monitor's verdict on the finished policies
+        header += ("CRM and oracle IR differ by more than 5 points on " + ", ".join(
+            f"{name} ({100 * gap:+.1f})" for name, gap in fooled.items()) + ": there the CRM does not read "
+            "the policy's text as the oracle does (a negative gap: the policy fools it). "
+            "Read examples.md.\n\n")
+    return header
+
+
+def write_tables(cfg: Config, run_dir: Path, markdown: str, per_checkpoint: dict[str, dict],
+                 skipped: dict[str, str]) -> list[str]:
+    """eval.json (the config, each checkpoint's metrics, the checkpoints skipped) and eval.md (the header and
+    the table), atomically: the names written."""
+    out = f"eval_{cfg.benchmark}" if cfg.benchmark else "eval"  # a benchmark's table beside the test split's
+    stage1.write_json_atomic(run_dir / f"{out}.json", {"config": dataclasses.asdict(cfg),
+                                                       "checkpoints": per_checkpoint, "skipped": skipped})
+    stage1.write_text_atomic(run_dir / f"{out}.md", markdown + "\n")
+    return [f"{out}.json", f"{out}.md"]
+
+
+def examples_and_curves(cfg: Config, run_dir: Path, test, columns: dict, records: dict[str, list[dict]],
+                        embedded: bool) -> list[str]:
+    """The examples page (--examples 0: none) and curves.png (when a stage-5 run logged metrics): the names
+    written."""
+    written = []
+    if cfg.examples:
+        where, mode, judge = setting(cfg, embedded)
+        page = f"examples_{cfg.benchmark}" if cfg.benchmark else "examples"
+        write_examples(run_dir, page, test, columns["image"], records, cfg.examples,
+                       f"{where}, {mode}; kinds by the {judge}.")
+        written += [f"{page}.md", f"{page}/"]
+    panels = training_curves(run_dir)
+    if any(panels.values()):
+        plot_curves(panels, run_dir / "curves.png")
+        written.append("curves.png")
+    return written
+
+
+# A.2 the examples page: a few test prompts, each with its image, question and true answer, and one completion
+# of every checkpoint marked with its kind (CC/CW/IC/IW), the oracle's verdict link by link and the CRM's; the
+# prompts and completions are picked from the ones just sampled so that every kind that occurs appears.
 KINDS = {"CC": "consistent, correct", "CW": "consistent, wrong", "IC": "inconsistent, correct",
          "IW": "inconsistent, wrong"}
 
@@ -460,7 +486,7 @@ def write_examples(run_dir: Path, page: str, test, image_column: str, records: d
     return path
 
 
-# ----------------------------------------------------------------------------- curves (drawn with Pillow)
+# A.3 the curves (drawn with Pillow)
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207)]
 
 
@@ -529,13 +555,15 @@ def training_curves(run_dir: Path) -> dict[str, dict[str, list[tuple[int, float]
     return panels
 
 
-# ----------------------------------------------------------------------------- --reproduce
-def worker_count(jobs: str, device: str) -> int:
-    """--jobs as a number: auto = 1 on CUDA (one GPU that processes would share), else 2 when the CPU has two
-    cores or more (a small model keeps one core busy better than two), else 1."""
-    if jobs != "auto":
-        return int(jobs)
-    return 1 if device.startswith("cuda") else min(2, os.cpu_count() or 1)
+# ============================================================================================================
+# Appendix B: --reproduce, the whole experiment in one command (skip on a first reading)
+# Stage 1 once, then every (method, seed) stage-5 run from the same SFT checkpoint (finished runs are kept,
+# killed ones resume), then main evaluates them all. --jobs N trains N runs at once, each in its own
+# `python 05_grpo_train.py` process with cpu_count // N torch threads (its output in
+# runs/<run>/<name>/stdout.log): on a CPU, small models use cores badly, so two 1-thread runs side by side
+# finish sooner than one 2-thread run after the other. auto = 2 on a CPU with 2 cores or more, 1 on CUDA
+# (one GPU, which processes would share).
+# ============================================================================================================
 
 
 # --reproduce's rows: each a stage-5 method and the CRM it trains with (a folder of runs/<run>/). Runs are
@@ -548,6 +576,53 @@ METHODS = {
     "hras-guard": {"advantage": "hras", "crm": "crm_rl", "crm_refresh": True},  # + the guard (05)
     "hras-ce05": {"advantage": "hras", "crm": "crm_rl", "cons_eps": 0.05},  # CRM float noise damped (04)
 }
+
+
+def check_reproduce_flags(cfg: Config) -> None:
+    """check_config's part for --reproduce: every --methods a row of METHODS, --seeds integers."""
+    if not cfg.reproduce:
+        return
+    unknown = [m for m in cfg.methods.split(",") if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods {cfg.methods}: {unknown} unknown; use a comma list of "
+                         f"{', '.join(METHODS)}.")
+    if not all(s.strip().lstrip("-").isdigit() for s in cfg.seeds.split(",")):
+        raise SystemExit(f"--seeds {cfg.seeds}: use a comma list of integers, e.g. 0,1,2.")
+
+
+def reproduce(cfg: Config) -> None:
+    """The paper's recipe, end to end, every step kept once done: stage 1 (data, the SFT policy, the CRM of
+    its rollouts: runs/<run>/crm); the GRPO runs, which save their rollouts; the CRM trained on those
+    (stage 1 --crm-rollouts: runs/<run>/crm_rl); then every other (method, seed) run from the same SFT
+    checkpoint. Stage-5 runs go one after the other in this process with --jobs 1, else in worker processes
+    (run_in_processes)."""
+    run_dir = Path(cfg.runs_dir) / cfg.run
+    if not (run_dir / "stage1.json").exists():
+        stage1.main(stage1.Config(run=cfg.run, runs_dir=cfg.runs_dir, device=cfg.device, dtype=cfg.dtype))
+    methods = cfg.methods.split(",")
+    train(pending_runs(cfg, run_dir, [m for m in methods if METHODS[m]["crm"] == "crm"]), run_dir, cfg)
+    if any(METHODS[m]["crm"] == "crm_rl" for m in methods) and not (run_dir / "crm_rl").is_dir():
+        if "grpo" not in methods:
+            raise SystemExit(f"--methods {cfg.methods}: the CRM of the paper's recipe "
+                             f"(runs/{cfg.run}/crm_rl) trains on the GRPO runs' rollouts: add grpo.")
+        # the SFT-rollout CRM's own settings (steps, learning rate, backbone): the two differ in data only
+        same = {k: v for k, v in stage1.read_stage1(run_dir)["config"].items()
+                if k in ("seed", "crm", "crm_steps", "crm_batch_size", "crm_lr", "crm_max_length",
+                         "warmup_steps")}
+        rollouts = [str(run_dir / f"grpo_seed{s.strip()}" / "rollouts.jsonl") for s in cfg.seeds.split(",")]
+        stage1.main(stage1.Config(run=cfg.run, runs_dir=cfg.runs_dir, crm_rollouts=",".join(rollouts),
+                                  device=cfg.device, dtype=cfg.dtype, **same))
+    train(pending_runs(cfg, run_dir, [m for m in methods if METHODS[m]["crm"] != "crm"]), run_dir, cfg)
+
+
+def train(todo: list, run_dir: Path, cfg: Config) -> None:
+    """Stage-5 runs: in this process one after the other (--jobs 1), else in worker processes."""
+    jobs = worker_count(cfg.jobs, cfg.device)
+    if jobs > 1 and todo:
+        run_in_processes(todo, run_dir, jobs)
+        return
+    for config in todo:
+        stage5.main(config)
 
 
 def pending_runs(cfg: Config, run_dir: Path, methods: list[str] | None = None) -> list:
@@ -565,38 +640,17 @@ def pending_runs(cfg: Config, run_dir: Path, methods: list[str] | None = None) -
             resume = stage5.latest_checkpoint(run_dir / name) is not None  # killed after a checkpoint
             todo.append(stage5.Config(run=cfg.run, runs_dir=cfg.runs_dir, name=name, seed=seed, **flags,
                                       steps=cfg.train_steps * cfg.scale, prompts_per_step=8 * cfg.scale,
-                                      resume=resume, overwrite=not resume, device=cfg.device, dtype=cfg.dtype))
+                                      resume=resume, overwrite=not resume, device=cfg.device,
+                                      dtype=cfg.dtype))
     return todo
 
 
-def config_argv(config) -> list[str]:
-    """The command-line flags that stage1.parse_config turns back into `config`: every switch that is on (the
-    parser reads a missing switch as off), and every other field that differs from its default. Checked by
-    parsing them back: a config the flags cannot carry is an error.
-    Example: stage5.Config(name="grpo_seed0", resume=True) -> ["--name", "grpo_seed0", "--resume", ...]."""
-    argv = []
-    for field in dataclasses.fields(config):
-        value, flag = getattr(config, field.name), "--" + field.name.replace("_", "-")
-        if field.type in (bool, "bool"):
-            argv += [flag] if value else []
-        elif value != field.default:
-            argv += [flag, str(value)]
-    try:
-        parsed = stage1.parse_config(type(config), "", argv)
-    except SystemExit:  # argparse already printed why
-        parsed = None
-    if parsed != config:
-        differ = [f.name for f in dataclasses.fields(config)
-                  if parsed is None or getattr(parsed, f.name) != getattr(config, f.name)]
-        raise ValueError(f"{type(config).__module__}: the command line cannot carry {differ} "
-                         f"(flags {argv}); run with --jobs 1.")
-    return argv
-
-
-def tail(path: Path, lines: int = 8) -> str:
-    """The last lines of a log (tqdm's carriage returns read as line ends)."""
-    text = path.read_text(errors="replace").replace("\r", "\n")
-    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
+def worker_count(jobs: str, device: str) -> int:
+    """--jobs as a number: auto = 1 on CUDA (one GPU that processes would share), else 2 when the CPU has two
+    cores or more (a small model keeps one core busy better than two), else 1."""
+    if jobs != "auto":
+        return int(jobs)
+    return 1 if device.startswith("cuda") else min(2, os.cpu_count() or 1)
 
 
 def run_in_processes(configs: list, run_dir: Path, jobs: int) -> None:
@@ -640,53 +694,75 @@ def run_in_processes(configs: list, run_dir: Path, jobs: int) -> None:
                          f"finished runs are kept and a rerun resumes the others.\n" + "\n\n".join(failed))
 
 
-def reproduce(cfg: Config) -> None:
-    """The paper's recipe, end to end, every step kept once done: stage 1 (data, the SFT policy, the CRM of
-    its rollouts: runs/<run>/crm); the GRPO runs, which save their rollouts; the CRM trained on those
-    (stage 1 --crm-rollouts: runs/<run>/crm_rl); then every other (method, seed) run from the same SFT
-    checkpoint. Stage-5 runs go one after the other in this process with --jobs 1, else in worker processes
-    (run_in_processes)."""
-    run_dir = Path(cfg.runs_dir) / cfg.run
-    if not (run_dir / "stage1.json").exists():
-        stage1.main(stage1.Config(run=cfg.run, runs_dir=cfg.runs_dir, device=cfg.device, dtype=cfg.dtype))
-    methods = cfg.methods.split(",")
-    train(pending_runs(cfg, run_dir, [m for m in methods if METHODS[m]["crm"] == "crm"]), run_dir, cfg)
-    if any(METHODS[m]["crm"] == "crm_rl" for m in methods) and not (run_dir / "crm_rl").is_dir():
-        if "grpo" not in methods:
-            raise SystemExit(f"--methods {cfg.methods}: the CRM of the paper's recipe (runs/{cfg.run}/crm_rl) "
-                             f"trains on the GRPO runs' rollouts: add grpo.")
-        # the SFT-rollout CRM's own settings (steps, learning rate, backbone): the two differ in their data only
-        same = {k: v for k, v in stage1.read_stage1(run_dir)["config"].items()
-                if k in ("seed", "crm", "crm_steps", "crm_batch_size", "crm_lr", "crm_max_length", "warmup_steps")}
-        rollouts = [str(run_dir / f"grpo_seed{s.strip()}" / "rollouts.jsonl") for s in cfg.seeds.split(",")]
-        stage1.main(stage1.Config(run=cfg.run, runs_dir=cfg.runs_dir, crm_rollouts=",".join(rollouts),
-                                  device=cfg.device, dtype=cfg.dtype, **same))
-    train(pending_runs(cfg, run_dir, [m for m in methods if METHODS[m]["crm"] != "crm"]), run_dir, cfg)
+def config_argv(config) -> list[str]:
+    """The command-line flags that stage1.parse_config turns back into `config`: every switch that is on (the
+    parser reads a missing switch as off), and every other field that differs from its default. Checked by
+    parsing them back: a config the flags cannot carry is an error.
+    Example: stage5.Config(name="grpo_seed0", resume=True) -> ["--name", "grpo_seed0", "--resume", ...]."""
+    argv = []
+    for field in dataclasses.fields(config):
+        value, flag = getattr(config, field.name), "--" + field.name.replace("_", "-")
+        if field.type in (bool, "bool"):
+            argv += [flag] if value else []
+        elif value != field.default:
+            argv += [flag, str(value)]
+    try:
+        parsed = stage1.parse_config(type(config), "", argv)
+    except SystemExit:  # argparse already printed why
+        parsed = None
+    if parsed != config:
+        differ = [f.name for f in dataclasses.fields(config)
+                  if parsed is None or getattr(parsed, f.name) != getattr(config, f.name)]
+        raise ValueError(f"{type(config).__module__}: the command line cannot carry {differ} "
+                         f"(flags {argv}); run with --jobs 1.")
+    return argv
 
 
-def train(todo: list, run_dir: Path, cfg: Config) -> None:
-    """Stage-5 runs: in this process one after the other (--jobs 1), else in worker processes."""
-    jobs = worker_count(cfg.jobs, cfg.device)
-    if jobs > 1 and todo:
-        run_in_processes(todo, run_dir, jobs)
-        return
-    for config in todo:
-        stage5.main(config)
+def tail(path: Path, lines: int = 8) -> str:
+    """The last lines of a log (tqdm's carriage returns read as line ends)."""
+    text = path.read_text(errors="replace").replace("\r", "\n")
+    return "\n".join([line for line in text.splitlines() if line.strip()][-lines:])
 
 
-# ----------------------------------------------------------------------------- main
-def main(cfg: Config) -> dict:
-    from datasets import load_from_disk
+# ============================================================================================================
+# Appendix C: flags, rows and checkpoints; a benchmark's official model calls (skip on a first reading)
+# What check_config, main and evaluate call but the lesson does not need: the benchmark flags and the
+# --checkpoints parser, the rows to evaluate, a run's checkpoints and why one is skipped, and the official
+# pipelines' verdicts with their model calls.
+# ============================================================================================================
 
-    checkpoints = check_config(cfg)  # every flag, before anything is read or loaded
-    started = time.time()
-    run_dir = Path(cfg.runs_dir) / cfg.run
-    if cfg.reproduce:
-        reproduce(cfg)
-    stage1_config = stage1.read_stage1(run_dir)["config"]
-    embedded = stage1_config["dataset"] is None and cfg.benchmark is None  # the rule oracle: embedded only
-    benchmark = cfg.benchmark or stage3.run_benchmark(stage1_config)  # None: answers_match, as in training
-    if cfg.benchmark:  # its rows in our columns: image, question, answer + the comparator's
+
+def check_benchmark_flags(cfg: Config) -> None:
+    """check_config's part for a benchmark: a --benchmark adapters/benchmarks.py knows, and --extractor-url
+    and --extractor-model both or neither."""
+    if cfg.benchmark is not None:
+        from adapters import benchmarks
+
+        if cfg.benchmark not in benchmarks.BENCHMARKS:
+            raise SystemExit(f"--benchmark {cfg.benchmark}: unknown; use one of "
+                             f"{', '.join(benchmarks.BENCHMARKS)}.")
+    if bool(cfg.extractor_url) != bool(cfg.extractor_model):
+        raise SystemExit("--extractor-url and --extractor-model go together "
+                         "(e.g. --extractor-url http://localhost:8000/v1 --extractor-model gpt-4o).")
+
+
+def parse_checkpoints(text: str) -> dict[str, str]:
+    """--checkpoints as {name: path}: "sft=a/policy,hras=b/policy" -> {"sft": "a/policy", "hras": "b/policy"};
+    "" -> {} (main then evaluates every checkpoint of the run)."""
+    checkpoints = {}
+    for item in text.split(",") if text else []:
+        name, _, path = item.partition("=")
+        if not (name and path):
+            raise SystemExit(f"--checkpoints {text}: {item!r} is not name=path "
+                             f"(e.g. hras=runs/default/hras_seed0/policy).")
+        checkpoints[name] = path
+    return checkpoints
+
+
+def load_test_rows(cfg: Config, run_dir: Path, stage1_config: dict) -> tuple:
+    """(rows, columns): the run's test split (stage 1's data), or with --benchmark that benchmark's rows in
+    our columns (image, question, answer + the comparator's), downloaded by `datasets`."""
+    if cfg.benchmark:
         from adapters import benchmarks
 
         try:
@@ -697,82 +773,98 @@ def main(cfg: Config) -> dict:
             raise SystemExit(f"--benchmark {cfg.benchmark}: cannot load it ({error!r}). `datasets` downloads "
                              f"it from the hub: run once with a network (then it is cached), or check "
                              f"--benchmark-split.")
-        columns = {"image": "image", "question": "question", "answer": "answer"}
-    else:
-        data = load_from_disk(str(stage1.require(run_dir / "data", "python 01_sft_rm.py")))
-        test = data[stage1_config["test_split"]]
-        columns = stage2.data_columns(stage1_config)
-    if not checkpoints:
-        checkpoints = {"sft": str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))}
-        checkpoints |= {p.parent.name: str(p) for p in sorted(run_dir.glob("*/policy"))}
-    dtype = stage1.compute_dtype(cfg.device, cfg.dtype)  # nothing trains here: every model is stored in it
-    crm_path = cfg.crm or str(stage1.default_crm(run_dir))
-    crm, crm_tokenizer = stage1.load_crm(crm_path, cfg.device, dtype)
-    crm.eval()
+        return test, {"image": "image", "question": "question", "answer": "answer"}
+    from datasets import load_from_disk
 
-    per_checkpoint, records, skipped = {}, {}, {}
-    for name, path in tqdm(checkpoints.items(), desc="evaluating"):
-        try:
-            # a LoRA policy: base + adapter
-            model, processor = stage1.load_policy(path, cfg.device, dtype=dtype)
-        except Exception as error:  # a weights file cut short (a full disk, a copy that died): skipped too
-            skipped[name] = f"it does not load: {load_error(path, error)}"
-            print(f"\nskipping {name} ({path}): {skipped[name]}")
-            continue
+    data = load_from_disk(str(stage1.require(run_dir / "data", "python 01_sft_rm.py")))
+    return data[stage1_config["test_split"]], stage2.data_columns(stage1_config)
+
+
+def run_checkpoints(run_dir: Path) -> dict[str, str]:
+    """A run's checkpoints by name: policy_sft (stage 1) and every runs/<run>/<name>/policy (stage 5)."""
+    checkpoints = {"sft": str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))}
+    return checkpoints | {p.parent.name: str(p) for p in sorted(run_dir.glob("*/policy"))}
+
+
+def load_checkpoint(name: str, path: str, device: str, dtype, skipped: dict[str, str]) -> tuple:
+    """(model, processor), or (None, None) for a checkpoint that does not load or whose weights are not
+    finite, with why in skipped[name], printed: one broken run must not stop the evaluation of the others."""
+    try:
+        model, processor = stage1.load_policy(path, device, dtype=dtype)  # a LoRA policy: base + adapter
+    except Exception as error:  # a weights file cut short (a full disk, a copy that died): skipped too
+        skipped[name] = f"it does not load: {load_error(path, error)}"
+    else:
         bad = non_finite(model)
-        if bad:  # one diverged run must not stop the evaluation of the others
-            skipped[name] = f"{len(bad)} weight tensors hold NaN or inf, e.g. {bad[0]}"
-            print(f"\nskipping {name} ({path}): {skipped[name]}")
-            continue
-        per_checkpoint[name], records[name] = evaluate(stage1.unwrap(model).eval(), processor, test, columns,
-                                                       crm, crm_tokenizer, cfg, embedded, benchmark)
-        del model
-    if not per_checkpoint:
-        raise SystemExit(f"no checkpoint to evaluate: every one was skipped ({skipped}).")
-    grouped: dict[str, list[dict]] = {}
-    for name, metrics in per_checkpoint.items():
-        grouped.setdefault(method_of(name), []).append(metrics)
-    table = markdown_table(grouped)
-    mode = f"{cfg.samples} samples at T={cfg.temperature}" if cfg.temperature > 0 else "greedy"
-    where = (f"{cfg.benchmark} (split {cfg.benchmark_split or benchmarks.BENCHMARKS[cfg.benchmark].split})"
-             if cfg.benchmark else "Test split")
-    judge = "oracle" if embedded else "CRM"
-    header = (f"{where}, first {min(cfg.n, len(test))} prompts, {mode}. Cells: % (mean ± standard error "
-              f"over training seeds); IR = inconsistency rate; ir_steps / ir_answer = the oracle's steps -> "
-              f"conclusion / conclusion -> answer link fails; CC/CW/IC/IW = consistent/inconsistent x "
-              f"correct/wrong ({judge}).\n\n")
-    if benchmark == "cvbench":
-        complete = all(m["benchmark"]["complete"] for m in per_checkpoint.values())
-        missing = "" if complete else "; a source absent from these prompts: the mean of the parts present"
-        header += f"accuracy = CV-Bench's official score, 1/2 x ((ADE20K + COCO) / 2 + Omni3D){missing}.\n\n"
-    header += f"IR (CRM) by {crm_path}; ir_gap = IR (CRM) - IR (oracle).\n\n" if embedded else ""
-    if benchmark:  # replies no official rule could read: wrong, and counted (eval json: benchmark.unscorable)
-        counts = [f"{name} {m['benchmark']['unscorable']} of {m['n']}" for name, m in per_checkpoint.items()]
-        header += f"Unscorable (counted wrong): {', '.join(counts)}.\n\n"
-    header += "".join(f"Skipped {name}: {why}.\n\n" for name, why in skipped.items())
-    fooled = {name: m["ir_gap"] for name, m in per_checkpoint.items()
-              if m["ir_gap"] is not None and abs(m["ir_gap"]) > GAP_FLAG}
-    if fooled:  # the drift monitor's verdict on the finished policies
-        header += ("CRM and oracle IR differ by more than 5 points on " + ", ".join(
-            f"{name} ({100 * gap:+.1f})" for name, gap in fooled.items()) + ": there the CRM does not read the "
-            "policy's text as the oracle does (a negative gap: the policy fools it). Read examples.md.\n\n")
-    out = f"eval_{cfg.benchmark}" if cfg.benchmark else "eval"  # a benchmark's table beside the test split's
-    stage1.write_json_atomic(run_dir / f"{out}.json", {"config": dataclasses.asdict(cfg),
-                                                       "checkpoints": per_checkpoint, "skipped": skipped})
-    stage1.write_text_atomic(run_dir / f"{out}.md", header + table + "\n")
-    written = [f"{out}.json", f"{out}.md"]
-    if cfg.examples:
-        page = f"examples_{cfg.benchmark}" if cfg.benchmark else "examples"
-        write_examples(run_dir, page, test, columns["image"], records, cfg.examples,
-                       f"{where}, {mode}; kinds by the {judge}.")
-        written += [f"{page}.md", f"{page}/"]
-    panels = training_curves(run_dir)
-    if any(panels.values()):
-        plot_curves(panels, run_dir / "curves.png")
-        written.append("curves.png")
-    print("\n" + header + table)
-    print(f"\nwrote {', '.join(written)} in {run_dir} in {time.time() - started:.0f} s")
-    return per_checkpoint
+        if not bad:
+            return model, processor
+        skipped[name] = f"{len(bad)} weight tensors hold NaN or inf, e.g. {bad[0]}"  # a diverged run
+    print(f"\nskipping {name} ({path}): {skipped[name]}")
+    return None, None
+
+
+def non_finite(model) -> list[str]:
+    """Names of the parameters that hold a NaN or an infinity (a checkpoint a diverged run left)."""
+    return [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+
+
+def load_error(folder: str, error: Exception) -> str:
+    """Why a checkpoint does not load, naming its weight files that do not read (safetensors checks that a
+    file's header covers the whole file, so one cut short fails here, before any weight is read)."""
+    from safetensors import safe_open
+
+    broken = []
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception as file_error:
+            broken.append(f"{path} is cut short or corrupt ({file_error})")
+    if not broken:
+        return f"{type(error).__name__}: {error}"
+    return "; ".join(broken) + " (copy it again, or rerun the stage-5 run that wrote it)"
+
+
+def official_verdicts(model, processor, test, columns: dict, prompts: list[dict], scores: list[dict],
+                      rows: list[dict], benchmark: str, cfg: Config) -> dict:
+    """Each completion's official verdict into its score record (accuracy, task, unscorable), with the
+    official pipelines' model calls where asked (adapters/benchmarks.py holds their rules and prompts):
+    --second-round  puzzles: an answer naming no option gets the official second prompt, answered greedily
+                    by the same policy (after our format instruction, as every prompt); that reply is read
+    --extractor-url MathVista: where the official shortcuts do not apply, a model extracts the answer from
+                    the whole reply (the judge's client, adapters/judge.py; cached in extractions.jsonl)
+    Returns the number the benchmark reports over them all (benchmarks.aggregate; CV-Bench's is not the plain
+    mean over completions)."""
+    from adapters import benchmarks
+
+    completions = [(p, c) for p in prompts for c in p["completions"]]
+    answers = [stage1.parse_completion(c["text"])[1] for _, c in completions]
+    extractions = [None] * len(completions)
+    if benchmark == "mathvista" and cfg.extractor_url:
+        from adapters.judge import UrlJudge
+
+        client = UrlJudge(cfg.extractor_url, cfg.extractor_model, max_tokens=64,
+                          cache_path=str(Path(cfg.runs_dir) / cfg.run / "extractions.jsonl"))
+        questions, texts = [p["question"] for p, _ in completions], [c["text"] for _, c in completions]
+        extractions = benchmarks.mathvista_model_extractions(client, questions, texts, answers, rows)
+    verdicts = [benchmarks.verdict(benchmark, a, r, e) for a, r, e in zip(answers, rows, extractions)]
+    again = [i for i, (a, r) in enumerate(zip(answers, rows))
+             if cfg.second_round and benchmarks.needs_second_round(benchmark, a, r)]
+    if again:
+        asked = [{"image": stage1.row_image(test, completions[i][0]["row"], columns["image"]), "answer": "",
+                  "question": benchmarks.second_round_prompt(completions[i][0]["question"],
+                                                             completions[i][1]["text"], rows[i]["options"])}
+                 for i in again]
+        greedy = stage2.Config(group_size=1, prompts_per_batch=cfg.prompts_per_batch, temperature=0.0,
+                               max_new_tokens=cfg.max_new_tokens, device=cfg.device, fast=cfg.fast)
+        replies = stage2.rollout_prompts(model, processor, asked, list(range(len(asked))),
+                                         dict(image="image", question="question", answer="answer"), greedy)
+        for i, reply in zip(again, replies):
+            verdicts[i] = benchmarks.second_round_verdict(reply["completions"][0]["text"], rows[i])
+    for s, v in zip(scores, verdicts):
+        s["accuracy"], s["unscorable"] = float(v == benchmarks.RIGHT), v == benchmarks.UNSCORABLE
+        s["task"] = s["accuracy"] + s["format"]
+    return benchmarks.aggregate(benchmark, [{"correct": s["accuracy"] > 0, "source": r["source"],
+                                             "unscorable": s["unscorable"]} for s, r in zip(scores, rows)])
 
 
 if __name__ == "__main__":
