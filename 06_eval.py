@@ -29,9 +29,10 @@ Why sampled, not greedy, by default: on the embedded tasks the SFT policy's gree
 consistent (the mode of a mixture in which stage 1's --inconsistent-frac of the traces are inconsistent),
 while its samples often are not. RL trains on samples, and the sampled IR is what GRPO changes.
 
---reproduce runs the whole embedded experiment in one command: stage 1, stage 5 with --advantage grpo, hras
-and sum from the same SFT checkpoint, seeds, prompts and budget (resumable), then this evaluation of them all:
-one table. --jobs N trains N of those runs at once, one process each (Appendix B).
+--reproduce runs the paper's recipe on the embedded tasks in one command: stage 1, the GRPO runs (saving their
+rollouts), the CRM of those rollouts (stage 1 --crm-rollouts), then CORA and sum with it (and, by --methods, the
+ablations), all from the same SFT checkpoint with the same seeds, prompts and budget (resumable), then this
+evaluation of them all: one table. --jobs N trains N runs at once, one process each (Appendix B).
 
 One process, also after a torchrun training: the checkpoints are whole Hugging Face folders, and the defaults
 sample 800 completions (200 prompts x 4) per checkpoint, as many as 12.5 training steps of 8 prompts x 8.
