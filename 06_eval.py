@@ -29,10 +29,10 @@ Why sampled, not greedy, by default: on the embedded tasks the SFT policy's gree
 consistent (the mode of a mixture in which stage 1's --inconsistent-frac of the traces are inconsistent),
 while its samples often are not. RL trains on samples, and the sampled IR is what GRPO changes.
 
---reproduce runs the paper's recipe on the embedded tasks in one command: stage 1, the GRPO runs (saving their
-rollouts), the CRM of those rollouts (stage 1 --crm-rollouts), then CORA and sum with it (and, by --methods, the
-ablations), all from the same SFT checkpoint with the same seeds, prompts and budget (resumable), then this
-evaluation of them all: one table. --jobs N trains N runs at once, one process each (Appendix B).
+--reproduce runs the paper's recipe in one command: stage 1, the GRPO runs (saving their rollouts), the CRM of
+those rollouts (stage 1 --crm-rollouts), then CORA and sum with it (--methods adds the ablations), from one SFT
+checkpoint with the same seeds, prompts and budget (resumable), then this evaluation: one table. --jobs N trains
+N runs at once, one process each (Appendix B).
 
 One process, also after a torchrun training: the checkpoints are whole Hugging Face folders, and the defaults
 sample 800 completions (200 prompts x 4) per checkpoint, as many as 12.5 training steps of 8 prompts x 8.
@@ -43,7 +43,7 @@ number of GPUs. A checkpoint that does not load or whose weights are not finite 
 `datasets`) instead of the test split, with no oracle. Its official rule is deterministic; --second-round
 (puzzles) and --extractor-url (MathVista) add the official pipelines' model calls (docs/benchmarks.md).
 
-Reads:  runs/<run>/{data,crm,policy_sft}/, runs/<run>/<name>/{policy,metrics.jsonl} (stages 1 and 5).
+Reads:  runs/<run>/{data,crm_rl or crm,policy_sft}/, runs/<run>/<name>/{policy,metrics.jsonl} (stages 1, 5).
 Writes: runs/<run>/eval.json, eval.md, curves.png, examples.md and examples/<row>.png
         (--benchmark NAME: eval_NAME.json, eval_NAME.md, examples_NAME.md, examples_NAME/ instead).
 Run:    python 06_eval.py                      # every checkpoint found under runs/default
