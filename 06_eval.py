@@ -29,10 +29,9 @@ Why sampled, not greedy, by default: on the embedded tasks the SFT policy's gree
 consistent (the mode of a mixture in which stage 1's --inconsistent-frac of the traces are inconsistent),
 while its samples often are not. RL trains on samples, and the sampled IR is what GRPO changes.
 
---reproduce runs the paper's recipe in one command: stage 1, the GRPO runs (saving their rollouts), the CRM of
-those rollouts (stage 1 --crm-rollouts), then CORA and sum with it (--methods adds the ablations), from one SFT
-checkpoint with the same seeds, prompts and budget (resumable), then this evaluation: one table. --jobs N trains
-N runs at once, one process each (Appendix B).
+--reproduce runs the paper's recipe: stage 1, the GRPO runs (their rollouts saved), the CRM of those rollouts,
+then CORA and sum with it (--methods adds the ablations), from one SFT checkpoint with the same seeds and
+budget (resumable), then this evaluation: one table. --jobs N: N runs at once, one process each (Appendix B).
 
 One process, also after a torchrun training: the checkpoints are whole Hugging Face folders, and the defaults
 sample 800 completions (200 prompts x 4) per checkpoint, as many as 12.5 training steps of 8 prompts x 8.
