@@ -96,12 +96,6 @@ class Rollout:
     text: str  # decoded, special tokens skipped
 
 
-def cache_kwarg(model) -> str:
-    """transformers 5.24 renamed the cache argument `past_key_values` -> `cache`; accept both."""
-    import inspect
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
     """Set to -inf every logit outside the top-k and outside the top-p nucleus. logits: (N, V)."""
     if top_k > 0:
@@ -180,13 +174,96 @@ def sample_completions(model, prompt: dict, group_size: int, max_new_tokens: int
     return ids[:, :length], mask[:, :length], logprobs[:, :length], ~finished
 
 
-# ----------------------------------------------------------------------------- the fast path
-# The loop above launches a few hundred small kernels per token from Python and grows its cache by
-# concatenation: on a GPU the step waits on those launches, not on memory (`python bench/bench_rollout.py
-# --profile` shows it). The fast path keeps steps 1-4 and changes only how a step runs: every tensor the
-# decode step touches is allocated once, with a fixed shape and a fixed address, so torch.compile compiles
-# the step once and, on CUDA, records it as one CUDA graph that replays in a single launch. Its attention
-# reads the grouped key/value heads as they are (grouped_decode_attention).
+def to_rollouts(processor, ids: torch.Tensor, mask: torch.Tensor, logprobs: torch.Tensor,
+                truncated: torch.Tensor) -> list[Rollout]:
+    """Tensors of sample_completions -> one Rollout per row (padding removed, text decoded)."""
+    rollouts = []
+    for i in range(ids.shape[0]):
+        n = int(mask[i].sum())
+        token_ids = ids[i, :n].tolist()
+        rollouts.append(Rollout(token_ids=token_ids, logprobs=[round(x, 6) for x in logprobs[i, :n].tolist()],
+                                length=n, truncated=bool(truncated[i]),
+                                text=processor.tokenizer.decode(token_ids, skip_special_tokens=True)))
+    return rollouts
+
+
+def rollout_prompts(model, processor, data, rows: list[int], columns: dict, cfg,
+                    generator=None) -> list[dict]:
+    """Roll out G completions for each data row; returns one dict per prompt (the rollouts.jsonl rows)."""
+    stop_ids, forbidden = stage1.stop_token_ids(processor), forbidden_token_ids(processor)
+    sample = sampler(getattr(cfg, "fast", "auto"), cfg.device)  # a config without the field: the default
+    records = []
+    # a bar only when there are several batches
+    for start in tqdm(range(0, len(rows), cfg.prompts_per_batch), desc="rollouts", leave=False,
+                      disable=len(rows) <= cfg.prompts_per_batch):
+        chunk = rows[start: start + cfg.prompts_per_batch]
+        images = [stage1.row_image(data, i, columns["image"]) for i in chunk]
+        prompt = stage1.to_device(
+            stage1.encode_prompts(processor, images, [data[i][columns["question"]] for i in chunk]),
+            cfg.device)
+        tensors = sample(model, prompt, cfg.group_size, cfg.max_new_tokens, stop_ids, forbidden,
+                         processor.tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+        rollouts = to_rollouts(processor, *tensors)
+        for k, row in enumerate(chunk):
+            group = rollouts[k * cfg.group_size: (k + 1) * cfg.group_size]
+            records.append({"row": row, "question": data[row][columns["question"]],
+                            "answer": str(data[row][columns["answer"]]),
+                            "completions": [dataclasses.asdict(r) for r in group]})
+    return records
+
+
+def data_columns(stage1_config: dict) -> dict:
+    return {"image": stage1_config["image_column"], "question": stage1_config["question_column"],
+            "answer": stage1_config["answer_column"]}
+
+
+def main(cfg: Config) -> list[dict]:
+    from datasets import load_from_disk
+
+    check_config(cfg)  # every flag, before anything is read, loaded or written
+    run_dir = Path(cfg.runs_dir) / cfg.run
+    stage1_config = stage1.read_stage1(run_dir)["config"]
+    data = load_from_disk(str(stage1.require(run_dir / "data", "python 01_sft_rm.py")))
+    if cfg.split not in data:
+        raise SystemExit(f"--split {cfg.split}: {run_dir / 'data'} has splits {list(data)}.")
+    data = data[cfg.split]
+    if len(data) == 0:
+        raise SystemExit(f"--split {cfg.split}: {run_dir / 'data'} has no rows in it; pick another split "
+                         f"({run_dir / 'rollouts.jsonl'} is left as it was).")
+    policy = cfg.policy or str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))
+    # nothing trains here: the policy is stored in the compute dtype (bf16 on CUDA), as in stages 5 and 6
+    model, processor = stage1.load_policy(policy, cfg.device,
+                                          dtype=stage1.compute_dtype(cfg.device, cfg.dtype))
+    model.eval()
+
+    rows = random.Random(cfg.seed).sample(range(len(data)), min(cfg.n_prompts, len(data)))
+    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    started = time.time()
+    records = rollout_prompts(model, processor, data, rows, data_columns(stage1_config), cfg, generator)
+    seconds = time.time() - started
+    stage1.write_jsonl_atomic(run_dir / "rollouts.jsonl", records)
+
+    completions = [c for r in records for c in r["completions"]]
+    tokens = sum(c["length"] for c in completions)
+    print(f"\n{len(records)} prompts x {cfg.group_size} completions, {tokens} tokens in {seconds:.1f} s "
+          f"({tokens / seconds:.0f} tokens/s); mean length {tokens / len(completions):.1f}, "
+          f"truncated {sum(c['truncated'] for c in completions) / len(completions):.1%}")
+    print(f"  e.g. {completions[0]['text']!r}")
+    print(f"wrote {run_dir / 'rollouts.jsonl'}")
+    return records
+
+
+# ============================================================================================================
+# Appendix A: the fast path (skip on a first reading)
+# The lesson's loop (sample_completions) launches a few hundred small kernels per token from Python and grows
+# its cache by concatenation: on a GPU the step waits on those launches, not on memory (`python
+# bench/bench_rollout.py --profile` shows it). The fast path keeps steps 1-4 and changes only how a step runs:
+# every tensor the decode step touches is allocated once, with a fixed shape and a fixed address, so
+# torch.compile compiles the step once and, on CUDA, records it as one CUDA graph that replays in a single
+# launch. Its attention reads the grouped key/value heads as they are (grouped_decode_attention).
+# ============================================================================================================
+
+
 class SlotCache:
     """A KV cache preallocated as N rows x W slots per layer; `update` writes the slot `self.slot` holds.
 
@@ -449,6 +526,12 @@ def sample_completions_fast(model, prompt: dict, group_size: int, max_new_tokens
     return ids[:, :length], mask[:, :length], logprobs[:, :length], ~finished
 
 
+# ============================================================================================================
+# Appendix B: small helpers (skip on a first reading)
+# Which sampler a flag picks, the token ids never sampled, transformers' name for the cache argument.
+# ============================================================================================================
+
+
 def use_fast(fast: bool | str, device) -> bool:
     """Config.fast -> bool: True/"on", False/"off", or "auto" (on for CUDA only)."""
     if isinstance(fast, bool):
@@ -464,17 +547,10 @@ def sampler(fast: bool | str, device):
     return sample_completions_fast if use_fast(fast, device) else sample_completions
 
 
-def to_rollouts(processor, ids: torch.Tensor, mask: torch.Tensor, logprobs: torch.Tensor,
-                truncated: torch.Tensor) -> list[Rollout]:
-    """Tensors of sample_completions -> one Rollout per row (padding removed, text decoded)."""
-    rollouts = []
-    for i in range(ids.shape[0]):
-        n = int(mask[i].sum())
-        token_ids = ids[i, :n].tolist()
-        rollouts.append(Rollout(token_ids=token_ids, logprobs=[round(x, 6) for x in logprobs[i, :n].tolist()],
-                                length=n, truncated=bool(truncated[i]),
-                                text=processor.tokenizer.decode(token_ids, skip_special_tokens=True)))
-    return rollouts
+def cache_kwarg(model) -> str:
+    """transformers 5.24 renamed the cache argument `past_key_values` -> `cache`; accept both."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def forbidden_token_ids(processor) -> list[int]:
@@ -482,72 +558,6 @@ def forbidden_token_ids(processor) -> list[int]:
     tok = processor.tokenizer
     ids = [tok.convert_tokens_to_ids(t) for t in stage1.VISION_TOKENS + ["<|im_start|>"]]
     return [i for i in ids if i is not None and i != tok.unk_token_id]
-
-
-def rollout_prompts(model, processor, data, rows: list[int], columns: dict, cfg,
-                    generator=None) -> list[dict]:
-    """Roll out G completions for each data row; returns one dict per prompt (the rollouts.jsonl rows)."""
-    stop_ids, forbidden = stage1.stop_token_ids(processor), forbidden_token_ids(processor)
-    sample = sampler(getattr(cfg, "fast", "auto"), cfg.device)  # a config without the field: the default
-    records = []
-    # a bar only when there are several batches
-    for start in tqdm(range(0, len(rows), cfg.prompts_per_batch), desc="rollouts", leave=False,
-                      disable=len(rows) <= cfg.prompts_per_batch):
-        chunk = rows[start: start + cfg.prompts_per_batch]
-        images = [stage1.row_image(data, i, columns["image"]) for i in chunk]
-        prompt = stage1.to_device(
-            stage1.encode_prompts(processor, images, [data[i][columns["question"]] for i in chunk]),
-            cfg.device)
-        tensors = sample(model, prompt, cfg.group_size, cfg.max_new_tokens, stop_ids, forbidden,
-                         processor.tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, generator)
-        rollouts = to_rollouts(processor, *tensors)
-        for k, row in enumerate(chunk):
-            group = rollouts[k * cfg.group_size: (k + 1) * cfg.group_size]
-            records.append({"row": row, "question": data[row][columns["question"]],
-                            "answer": str(data[row][columns["answer"]]),
-                            "completions": [dataclasses.asdict(r) for r in group]})
-    return records
-
-
-def data_columns(stage1_config: dict) -> dict:
-    return {"image": stage1_config["image_column"], "question": stage1_config["question_column"],
-            "answer": stage1_config["answer_column"]}
-
-
-def main(cfg: Config) -> list[dict]:
-    from datasets import load_from_disk
-
-    check_config(cfg)  # every flag, before anything is read, loaded or written
-    run_dir = Path(cfg.runs_dir) / cfg.run
-    stage1_config = stage1.read_stage1(run_dir)["config"]
-    data = load_from_disk(str(stage1.require(run_dir / "data", "python 01_sft_rm.py")))
-    if cfg.split not in data:
-        raise SystemExit(f"--split {cfg.split}: {run_dir / 'data'} has splits {list(data)}.")
-    data = data[cfg.split]
-    if len(data) == 0:
-        raise SystemExit(f"--split {cfg.split}: {run_dir / 'data'} has no rows in it; pick another split "
-                         f"({run_dir / 'rollouts.jsonl'} is left as it was).")
-    policy = cfg.policy or str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))
-    # nothing trains here: the policy is stored in the compute dtype (bf16 on CUDA), as in stages 5 and 6
-    model, processor = stage1.load_policy(policy, cfg.device,
-                                          dtype=stage1.compute_dtype(cfg.device, cfg.dtype))
-    model.eval()
-
-    rows = random.Random(cfg.seed).sample(range(len(data)), min(cfg.n_prompts, len(data)))
-    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
-    started = time.time()
-    records = rollout_prompts(model, processor, data, rows, data_columns(stage1_config), cfg, generator)
-    seconds = time.time() - started
-    stage1.write_jsonl_atomic(run_dir / "rollouts.jsonl", records)
-
-    completions = [c for r in records for c in r["completions"]]
-    tokens = sum(c["length"] for c in completions)
-    print(f"\n{len(records)} prompts x {cfg.group_size} completions, {tokens} tokens in {seconds:.1f} s "
-          f"({tokens / seconds:.0f} tokens/s); mean length {tokens / len(completions):.1f}, "
-          f"truncated {sum(c['truncated'] for c in completions) / len(completions):.1%}")
-    print(f"  e.g. {completions[0]['text']!r}")
-    print(f"wrote {run_dir / 'rollouts.jsonl'}")
-    return records
 
 
 if __name__ == "__main__":
