@@ -127,34 +127,28 @@ def next_tokens(logits: torch.Tensor, forbidden_ids: list[int], temperature: flo
     return token, recorded
 
 
-@torch.no_grad()
-def sample_completions(model, prompt: dict, group_size: int, max_new_tokens: int, stop_ids: list[int],
-                       forbidden_ids: list[int], pad_id: int, temperature: float = 1.0, top_k: int = 0,
-                       top_p: float = 1.0, generator: torch.Generator | None = None,
-                       stop_check_every: int = 4):
-    """Sample group_size completions for each of the B prompts; rows k*G ... k*G+G-1 belong to prompt k.
-
-    prompt: encode_prompts output on the model's device (left padded).
-    Returns ids (N, L), mask (N, L), logprobs (N, L) and truncated (N,), with N = B * G.
-    """
-    B, G = prompt["input_ids"].shape[0], group_size
+def prefill(model, prompt: dict):
+    """Step 1: one forward over the B left-padded prompts (image + text) with explicit mRoPE positions.
+    Returns the positions (3, B, P), the last logits (B, V) and the KV cache of the prompts."""
     positions, _ = model.model.get_rope_index(
         prompt["input_ids"], mm_token_type_ids=prompt["mm_token_type_ids"],
         image_grid_thw=prompt["image_grid_thw"], attention_mask=prompt["attention_mask"])  # (3, B, P)
-    out = model(**prompt, position_ids=positions, use_cache=True, logits_to_keep=1)  # 1. prefill
+    out = model(**prompt, position_ids=positions, use_cache=True, logits_to_keep=1)
     cache = out.cache if "cache" in out else out.past_key_values  # the output's name follows cache_kwarg
-    cache.batch_repeat_interleave(G)  # 2. (B, ...) -> (B * G, ...): each prompt's cache copied G times
-    logits = out.logits[:, -1].repeat_interleave(G, dim=0)  # (N, V)
-    attention_mask = prompt["attention_mask"].repeat_interleave(G, dim=0)  # (N, P)
-    # (3, N, 1): left padding -> the last position is real
-    next_position = positions[:, :, -1:].repeat_interleave(G, dim=1) + 1
+    return positions, out.logits[:, -1], cache
 
-    N, device = B * G, logits.device
+
+def decode(step, logits: torch.Tensor, max_new_tokens: int, stop_ids: list[int], forbidden_ids: list[int],
+           pad_id: int, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None):
+    """Steps 3 and 4 for N rows, the same in both samplers: choose each row's next token from logits (N, V),
+    record it, and feed it with step(token (N,), t) -> the next logits (N, V), until every row has stopped
+    or the budget is spent. Returns ids (N, L), mask (N, L), logprobs (N, L) and truncated (N,)."""
+    N, device = logits.shape[0], logits.device
     ids = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (N, L)
     mask = torch.zeros((N, max_new_tokens), dtype=torch.long, device=device)  # (N, L)
     logprobs = torch.zeros((N, max_new_tokens), device=device)  # (N, L)
     finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
-    stop, cache_name = torch.tensor(stop_ids, device=device), cache_kwarg(model)
+    stop = torch.tensor(stop_ids, device=device)
     for t in range(max_new_tokens):  # 3. decode
         # token (N,), recorded (N, V)
         token, recorded = next_tokens(logits, forbidden_ids, temperature, top_k, top_p, generator)
@@ -162,16 +156,42 @@ def sample_completions(model, prompt: dict, group_size: int, max_new_tokens: int
         ids[:, t], mask[:, t] = token, (~finished).long()
         logprobs[:, t] = recorded.gather(-1, token.unsqueeze(-1)).squeeze(-1) * (~finished)
         finished = finished | torch.isin(token, stop)  # 4. the stop token itself stays in the completion
-        if (t + 1) % stop_check_every == 0 and bool(finished.all()):  # a host sync only every k steps
+        if (t + 1) % 4 == 0 and bool(finished.all()):  # a host sync only every 4 steps
             break
         if t + 1 == max_new_tokens:
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(N, 1)], dim=1)  # (N, P + t + 1)
-        out = model(input_ids=token.unsqueeze(-1), attention_mask=attention_mask, position_ids=next_position,
-                    use_cache=True, **{cache_name: cache})
-        logits, next_position = out.logits[:, -1], next_position + 1
+        logits = step(token, t)  # (N, V)
     length = int(mask.sum(dim=1).max())  # drop columns that only hold padding
     return ids[:, :length], mask[:, :length], logprobs[:, :length], ~finished
+
+
+@torch.no_grad()
+def sample_completions(model, prompt: dict, group_size: int, max_new_tokens: int, stop_ids: list[int],
+                       forbidden_ids: list[int], pad_id: int, temperature: float = 1.0, top_k: int = 0,
+                       top_p: float = 1.0, generator: torch.Generator | None = None):
+    """Sample group_size completions for each of the B prompts; rows k*G ... k*G+G-1 belong to prompt k.
+
+    prompt: encode_prompts output on the model's device (left padded).
+    Returns ids (N, L), mask (N, L), logprobs (N, L) and truncated (N,), with N = B * G.
+    """
+    G = group_size
+    positions, logits, cache = prefill(model, prompt)  # 1. prefill
+    cache.batch_repeat_interleave(G)  # 2. (B, ...) -> (B * G, ...): each prompt's cache copied G times
+    prompt_mask = prompt["attention_mask"].repeat_interleave(G, dim=0)  # (N, P)
+    # (3, N, 1): left padding -> the last position is real
+    first_position = positions[:, :, -1:].repeat_interleave(G, dim=1) + 1
+    cache_name = cache_kwarg(model)
+
+    def step(token: torch.Tensor, t: int) -> torch.Tensor:
+        """One forward through the cache, which grows by a slot: token (N,) at position last + 1 + t."""
+        # (N, P + t + 1): the prompt and every token fed so far
+        attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(prompt_mask.shape[0], t + 1)], dim=1)
+        out = model(input_ids=token.unsqueeze(-1), attention_mask=attention_mask,
+                    position_ids=first_position + t, use_cache=True, **{cache_name: cache})
+        return out.logits[:, -1]
+
+    return decode(step, logits.repeat_interleave(G, dim=0), max_new_tokens, stop_ids, forbidden_ids, pad_id,
+                  temperature, top_k, top_p, generator)
 
 
 def to_rollouts(processor, ids: torch.Tensor, mask: torch.Tensor, logprobs: torch.Tensor,
@@ -477,8 +497,8 @@ def default_compile_mode(device) -> str | None:
 def sample_completions_fast(model, prompt: dict, group_size: int, max_new_tokens: int, stop_ids: list[int],
                             forbidden_ids: list[int], pad_id: int, temperature: float = 1.0, top_k: int = 0,
                             top_p: float = 1.0, generator: torch.Generator | None = None,
-                            stop_check_every: int = 4, compile_mode: str | None = "auto",
-                            width_multiple: int = 64, grouped_attention: bool = True):
+                            compile_mode: str | None = "auto", width_multiple: int = 64,
+                            grouped_attention: bool = True):
     """sample_completions with a preallocated cache and a compiled decode step. Same arguments and returns,
     the same random draws from the same generator, so the same tokens, and log-probs equal up to float
     rounding.
@@ -489,41 +509,17 @@ def sample_completions_fast(model, prompt: dict, group_size: int, max_new_tokens
     grouped_attention: decode with grouped_decode_attention (sdpa models); False keeps transformers' sdpa,
     which under torch.compile repeats the key/value heads (bench/bench_rollout.py times both).
     """
-    B, G = prompt["input_ids"].shape[0], group_size
-    positions, _ = model.model.get_rope_index(
-        prompt["input_ids"], mm_token_type_ids=prompt["mm_token_type_ids"],
-        image_grid_thw=prompt["image_grid_thw"], attention_mask=prompt["attention_mask"])  # (3, B, P)
-    # 1. prefill, once per prompt
-    out = model(**prompt, position_ids=positions, use_cache=True, logits_to_keep=1)
-    prefill = out.cache if "cache" in out else out.past_key_values
-    N, P, device = B * G, prompt["input_ids"].shape[1], out.logits.device
+    positions, logits, prefill_cache = prefill(model, prompt)  # 1. prefill, once per prompt
+    N, P = logits.shape[0] * group_size, prompt["input_ids"].shape[1]
     if compile_mode == "auto":
-        compile_mode = default_compile_mode(device)
+        compile_mode = default_compile_mode(logits.device)
     width = -(-(P + max_new_tokens) // width_multiple) * width_multiple  # W: P + budget, rounded up
-    decoder = decoder_for(model, prefill, N, width, compile_mode, grouped_attention)
-    decoder.start(prefill, prompt["attention_mask"], positions[:, :, -1:] + 1, G)  # 2. expand into the N rows
-    logits = out.logits[:, -1].repeat_interleave(G, dim=0)  # (N, V)
-    del out, prefill  # the prompt's cache now lives in the decoder's slots
-
-    ids = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (N, L)
-    mask = torch.zeros((N, max_new_tokens), dtype=torch.long, device=device)  # (N, L)
-    logprobs = torch.zeros((N, max_new_tokens), device=device)  # (N, L)
-    finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
-    stop = torch.tensor(stop_ids, device=device)
-    for t in range(max_new_tokens):  # 3. decode: the same choice and bookkeeping as sample_completions
-        # token (N,), recorded (N, V)
-        token, recorded = next_tokens(logits, forbidden_ids, temperature, top_k, top_p, generator)
-        token = torch.where(finished, pad_id, token)
-        ids[:, t], mask[:, t] = token, (~finished).long()
-        logprobs[:, t] = recorded.gather(-1, token.unsqueeze(-1)).squeeze(-1) * (~finished)
-        finished = finished | torch.isin(token, stop)  # 4. stop
-        if (t + 1) % stop_check_every == 0 and bool(finished.all()):
-            break
-        if t + 1 == max_new_tokens:
-            break
-        logits = decoder.step(token, t)  # (N, V)
-    length = int(mask.sum(dim=1).max())
-    return ids[:, :length], mask[:, :length], logprobs[:, :length], ~finished
+    decoder = decoder_for(model, prefill_cache, N, width, compile_mode, grouped_attention)
+    # 2. expand into the N rows
+    decoder.start(prefill_cache, prompt["attention_mask"], positions[:, :, -1:] + 1, group_size)
+    del prefill_cache  # the prompt's cache now lives in the decoder's slots
+    return decode(decoder.step, logits.repeat_interleave(group_size, dim=0), max_new_tokens, stop_ids,
+                  forbidden_ids, pad_id, temperature, top_k, top_p, generator)  # 3. and 4.
 
 
 # ============================================================================================================
