@@ -333,6 +333,9 @@ def grouped_decode_attention(module, query: torch.Tensor, key: torch.Tensor, val
 
 
 GROUPED_ATTENTION = "cora_grouped_decode"  # its name in transformers' AttentionInterface
+# sdpa models decode with grouped_decode_attention; False keeps transformers' sdpa, which under torch.compile
+# repeats the key/value heads (bench/bench_rollout.py's fast-repeat column and a test set it to compare both)
+GROUPED_DECODE = True
 
 
 class StaticDecoder:
@@ -344,8 +347,7 @@ class StaticDecoder:
     decoder_for).
     """
 
-    def __init__(self, model, prefill_cache, rows: int, width: int, compile_mode: str | None,
-                 grouped_attention: bool = True):
+    def __init__(self, model, prefill_cache, rows: int, width: int, compile_mode: str | None):
         attention = model.config._attn_implementation
         if attention not in ("sdpa", "eager"):
             raise ValueError(f"the fast sampler builds its own attention mask for sdpa or eager attention, "
@@ -353,8 +355,8 @@ class StaticDecoder:
                              f"or use --fast off")
         # the language model's config, which its attention layers read to pick their attention function
         self.text_config = model.model.language_model.config
-        self.step_attention = attention  # sdpa models decode with grouped_decode_attention (if asked)
-        if attention == "sdpa" and grouped_attention:
+        self.step_attention = attention  # sdpa models decode with grouped_decode_attention (GROUPED_DECODE)
+        if attention == "sdpa" and GROUPED_DECODE:
             from transformers import AttentionInterface
 
             AttentionInterface.register(GROUPED_ATTENTION, grouped_decode_attention)
@@ -466,13 +468,12 @@ DECODERS: dict[tuple, StaticDecoder] = {}
 MAX_DECODERS = 4  # shapes kept at once: each holds its own KV cache (and, on CUDA, its graph's memory)
 
 
-def decoder_for(model, prefill_cache, rows: int, width: int, compile_mode: str | None,
-                grouped_attention: bool = True) -> StaticDecoder:
+def decoder_for(model, prefill_cache, rows: int, width: int, compile_mode: str | None) -> StaticDecoder:
     """The StaticDecoder of this shape, built (and compiled) on first use. Decoders are kept for the last
     model sampled from: a new model drops the old ones, their caches and their compiled steps."""
     layer = prefill_cache.layers[0]
     key = (id(model), rows, width, layer.keys.dtype, layer.values.dtype, str(layer.keys.device),
-           grouped_attention, compile_mode)
+           GROUPED_DECODE, compile_mode)
     if any(k[0] != id(model) for k in DECODERS):
         compiled = any(d.compile_mode for d in DECODERS.values())
         DECODERS.clear()
@@ -482,7 +483,7 @@ def decoder_for(model, prefill_cache, rows: int, width: int, compile_mode: str |
     if key not in DECODERS:
         if len(DECODERS) >= MAX_DECODERS:
             DECODERS.pop(next(iter(DECODERS)))  # the oldest shape
-        DECODERS[key] = StaticDecoder(model, prefill_cache, rows, width, compile_mode, grouped_attention)
+        DECODERS[key] = StaticDecoder(model, prefill_cache, rows, width, compile_mode)
     return DECODERS[key]
 
 
@@ -497,8 +498,7 @@ def default_compile_mode(device) -> str | None:
 def sample_completions_fast(model, prompt: dict, group_size: int, max_new_tokens: int, stop_ids: list[int],
                             forbidden_ids: list[int], pad_id: int, temperature: float = 1.0, top_k: int = 0,
                             top_p: float = 1.0, generator: torch.Generator | None = None,
-                            compile_mode: str | None = "auto", width_multiple: int = 64,
-                            grouped_attention: bool = True):
+                            compile_mode: str | None = "auto", width_multiple: int = 64):
     """sample_completions with a preallocated cache and a compiled decode step. Same arguments and returns,
     the same random draws from the same generator, so the same tokens, and log-probs equal up to float
     rounding.
@@ -506,15 +506,13 @@ def sample_completions_fast(model, prompt: dict, group_size: int, max_new_tokens
     compile_mode: a torch.compile mode, None (eager), or "auto" (default_compile_mode of the model's device).
     width_multiple: cache width W = prompt + budget rounded up to a multiple of it, so that batches whose
     prompts differ by a few tokens share one compiled step.
-    grouped_attention: decode with grouped_decode_attention (sdpa models); False keeps transformers' sdpa,
-    which under torch.compile repeats the key/value heads (bench/bench_rollout.py times both).
     """
     positions, logits, prefill_cache = prefill(model, prompt)  # 1. prefill, once per prompt
     N, P = logits.shape[0] * group_size, prompt["input_ids"].shape[1]
     if compile_mode == "auto":
         compile_mode = default_compile_mode(logits.device)
     width = -(-(P + max_new_tokens) // width_multiple) * width_multiple  # W: P + budget, rounded up
-    decoder = decoder_for(model, prefill_cache, N, width, compile_mode, grouped_attention)
+    decoder = decoder_for(model, prefill_cache, N, width, compile_mode)
     # 2. expand into the N rows
     decoder.start(prefill_cache, prompt["attention_mask"], positions[:, :, -1:] + 1, group_size)
     del prefill_cache  # the prompt's cache now lives in the decoder's slots
