@@ -1,5 +1,15 @@
 """Stage 2: rollouts. G sampled completions per prompt, from a sampler written by hand.
 
+Reading guide: the file reads top to bottom as the lesson. Config (every knob, one line each), then
+  1. one step's choice   filter_top_k_top_p, next_tokens: the next token, the log-probs it is recorded under
+  2. the sampler         prefill, decode (steps 3-4, shared by both samplers), sample_completions (steps 1-4)
+  3. rollouts            rollout_prompts: G completions per prompt, batch by batch -> the rows of the file
+  4. main()              the stage in order, with the numbers it prints
+Appendix A, the fast path: sample_completions_fast takes the same arguments and draws the same random
+numbers, so it returns the same tokens, from the same prefill and decode loop over buffers allocated once, its
+one-token step compiled by torch.compile (on CUDA a CUDA graph). `--fast` picks one: auto = fast on CUDA,
+simple on the CPU (bench/bench_rollout.py times both). Appendix B: small helpers. Skip both at first reading.
+
 The model is transformers'; the loop is ours (GRPO-Zero / nanochat style):
 
   1. prefill     one forward over the left-padded prompts (image + text), with explicit mRoPE
@@ -15,12 +25,6 @@ The model is transformers'; the loop is ours (GRPO-Zero / nanochat style):
 Each completion records its token ids, the log-prob of each token under softmax(logits / T)
 (the same quantity stage 5 recomputes: before top-k/top-p and the forbidden-token mask, which
 only steer the sampler), its length, whether it ran out of budget (truncated), and its text.
-
-sample_completions is the loop to read. sample_completions_fast takes the same arguments and
-draws the same random numbers, so it returns the same tokens; it runs step 3 over buffers
-allocated once (a KV cache of prompt + budget slots, a full-width attention mask), with the
-one-token forward compiled by torch.compile, on CUDA as a CUDA graph. `--fast` picks one:
-auto = the fast path on CUDA, the simple loop on the CPU (bench/bench_rollout.py times both).
 
 Reads:  runs/<run>/policy_sft/ (or --policy), runs/<run>/data/ and stage1.json (from 01_sft_rm.py).
 Writes: runs/<run>/rollouts.jsonl, one row per prompt with its G completions, replaced only once they are all
@@ -60,8 +64,7 @@ class Config:
     seed: int = 0  # seeds prompt choice and sampling
     dtype: str = "auto"  # compute precision: auto = bf16 on CUDA, fp32 on CPU (01_sft_rm.compute_dtype)
     fast: str = "auto"  # on = sample_completions_fast, off = the simple loop, auto = on for CUDA only
-    # (on a CPU the tiny policy's step costs about the same either way, so the readable loop stays the one
-    # that runs)
+    # (on a CPU the tiny policy's step costs about the same either way, so the readable loop is the one run)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the policy runs
 
 
@@ -78,8 +81,10 @@ def check_config(cfg: Config) -> None:
         raise SystemExit(f"--top-k {cfg.top_k}: must be at least 0 (0 = off).")
     if not (0 < cfg.top_p <= 1):
         raise SystemExit(f"--top-p {cfg.top_p}: must be in (0, 1] (1 = off).")
-    if cfg.fast not in ("auto", "on", "off"):
-        raise SystemExit(f"--fast {cfg.fast}: use auto, on or off.")
+    try:  # --fast: use_fast holds its one check
+        use_fast(cfg.fast, cfg.device)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     stage1.compute_dtype(cfg.device, cfg.dtype)  # an unknown --dtype is refused there
     stage1.check_device(cfg.device)
     if cfg.policy:  # a folder that is not there, or not a vision-language model, fails here
@@ -156,9 +161,7 @@ def decode(step, logits: torch.Tensor, max_new_tokens: int, stop_ids: list[int],
         ids[:, t], mask[:, t] = token, (~finished).long()
         logprobs[:, t] = recorded.gather(-1, token.unsqueeze(-1)).squeeze(-1) * (~finished)
         finished = finished | torch.isin(token, stop)  # 4. the stop token itself stays in the completion
-        if (t + 1) % 4 == 0 and bool(finished.all()):  # a host sync only every 4 steps
-            break
-        if t + 1 == max_new_tokens:
+        if t + 1 == max_new_tokens or (t + 1) % 4 == 0 and bool(finished.all()):  # a host sync every 4 steps
             break
         logits = step(token, t)  # (N, V)
     length = int(mask.sum(dim=1).max())  # drop columns that only hold padding
@@ -183,28 +186,14 @@ def sample_completions(model, prompt: dict, group_size: int, max_new_tokens: int
     cache_name = cache_kwarg(model)
 
     def step(token: torch.Tensor, t: int) -> torch.Tensor:
-        """One forward through the cache, which grows by a slot: token (N,) at position last + 1 + t."""
-        # (N, P + t + 1): the prompt and every token fed so far
-        attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(prompt_mask.shape[0], t + 1)], dim=1)
-        out = model(input_ids=token.unsqueeze(-1), attention_mask=attention_mask,
+        """Feed token (N,) at position last + 1 + t; it attends to the prompt and every token fed so far."""
+        mask = torch.cat([prompt_mask, prompt_mask.new_ones(len(token), t + 1)], dim=1)  # (N, P + t + 1)
+        out = model(input_ids=token.unsqueeze(-1), attention_mask=mask,
                     position_ids=first_position + t, use_cache=True, **{cache_name: cache})
         return out.logits[:, -1]
 
     return decode(step, logits.repeat_interleave(G, dim=0), max_new_tokens, stop_ids, forbidden_ids, pad_id,
                   temperature, top_k, top_p, generator)
-
-
-def to_rollouts(processor, ids: torch.Tensor, mask: torch.Tensor, logprobs: torch.Tensor,
-                truncated: torch.Tensor) -> list[Rollout]:
-    """Tensors of sample_completions -> one Rollout per row (padding removed, text decoded)."""
-    rollouts = []
-    for i in range(ids.shape[0]):
-        n = int(mask[i].sum())
-        token_ids = ids[i, :n].tolist()
-        rollouts.append(Rollout(token_ids=token_ids, logprobs=[round(x, 6) for x in logprobs[i, :n].tolist()],
-                                length=n, truncated=bool(truncated[i]),
-                                text=processor.tokenizer.decode(token_ids, skip_special_tokens=True)))
-    return rollouts
 
 
 def rollout_prompts(model, processor, data, rows: list[int], columns: dict, cfg,
@@ -218,9 +207,8 @@ def rollout_prompts(model, processor, data, rows: list[int], columns: dict, cfg,
                       disable=len(rows) <= cfg.prompts_per_batch):
         chunk = rows[start: start + cfg.prompts_per_batch]
         images = [stage1.row_image(data, i, columns["image"]) for i in chunk]
-        prompt = stage1.to_device(
-            stage1.encode_prompts(processor, images, [data[i][columns["question"]] for i in chunk]),
-            cfg.device)
+        questions = [data[i][columns["question"]] for i in chunk]
+        prompt = stage1.to_device(stage1.encode_prompts(processor, images, questions), cfg.device)
         tensors = sample(model, prompt, cfg.group_size, cfg.max_new_tokens, stop_ids, forbidden,
                          processor.tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, generator)
         rollouts = to_rollouts(processor, *tensors)
@@ -230,11 +218,6 @@ def rollout_prompts(model, processor, data, rows: list[int], columns: dict, cfg,
                             "answer": str(data[row][columns["answer"]]),
                             "completions": [dataclasses.asdict(r) for r in group]})
     return records
-
-
-def data_columns(stage1_config: dict) -> dict:
-    return {"image": stage1_config["image_column"], "question": stage1_config["question_column"],
-            "answer": stage1_config["answer_column"]}
 
 
 def main(cfg: Config) -> list[dict]:
@@ -499,9 +482,9 @@ def sample_completions_fast(model, prompt: dict, group_size: int, max_new_tokens
                             forbidden_ids: list[int], pad_id: int, temperature: float = 1.0, top_k: int = 0,
                             top_p: float = 1.0, generator: torch.Generator | None = None,
                             compile_mode: str | None = "auto", width_multiple: int = 64):
-    """sample_completions with a preallocated cache and a compiled decode step. Same arguments and returns,
-    the same random draws from the same generator, so the same tokens, and log-probs equal up to float
-    rounding.
+    """sample_completions with a preallocated cache and a compiled decode step: the same prefill and decode
+    loop, StaticDecoder.step as its step. Same arguments and returns, the same random draws from the same
+    generator, so the same tokens, and log-probs equal up to float rounding.
 
     compile_mode: a torch.compile mode, None (eager), or "auto" (default_compile_mode of the model's device).
     width_multiple: cache width W = prompt + budget rounded up to a multiple of it, so that batches whose
@@ -522,16 +505,17 @@ def sample_completions_fast(model, prompt: dict, group_size: int, max_new_tokens
 
 # ============================================================================================================
 # Appendix B: small helpers (skip on a first reading)
-# Which sampler a flag picks, the token ids never sampled, transformers' name for the cache argument.
+# Which sampler --fast picks, the sampler's tensors as Rollout rows, stage 1's column names, the token ids
+# never sampled, transformers' name for the cache argument.
 # ============================================================================================================
 
 
 def use_fast(fast: bool | str, device) -> bool:
-    """Config.fast -> bool: True/"on", False/"off", or "auto" (on for CUDA only)."""
+    """Config.fast -> bool: True/"on", False/"off", or "auto" (on for CUDA only); anything else is refused."""
     if isinstance(fast, bool):
         return fast
     if fast not in ("auto", "on", "off"):
-        raise ValueError(f"fast={fast!r}: use on, off or auto")
+        raise ValueError(f"--fast {fast}: use auto, on or off.")
     return fast == "on" or (fast == "auto" and torch.device(device).type == "cuda")
 
 
@@ -539,6 +523,24 @@ def sampler(fast: bool | str, device):
     """The sampler one flag picks: sample_completions_fast or sample_completions (same arguments, same
     returns)."""
     return sample_completions_fast if use_fast(fast, device) else sample_completions
+
+
+def to_rollouts(processor, ids: torch.Tensor, mask: torch.Tensor, logprobs: torch.Tensor,
+                truncated: torch.Tensor) -> list[Rollout]:
+    """Tensors of sample_completions -> one Rollout per row (padding removed, text decoded)."""
+    rollouts = []
+    for i in range(ids.shape[0]):
+        n = int(mask[i].sum())
+        token_ids = ids[i, :n].tolist()
+        rollouts.append(Rollout(token_ids=token_ids, logprobs=[round(x, 6) for x in logprobs[i, :n].tolist()],
+                                length=n, truncated=bool(truncated[i]),
+                                text=processor.tokenizer.decode(token_ids, skip_special_tokens=True)))
+    return rollouts
+
+
+def data_columns(stage1_config: dict) -> dict:
+    return {"image": stage1_config["image_column"], "question": stage1_config["question_column"],
+            "answer": stage1_config["answer_column"]}
 
 
 def cache_kwarg(model) -> str:
