@@ -81,12 +81,12 @@ def check_config(cfg: Config) -> None:
         raise SystemExit(f"--top-k {cfg.top_k}: must be at least 0 (0 = off).")
     if not (0 < cfg.top_p <= 1):
         raise SystemExit(f"--top-p {cfg.top_p}: must be in (0, 1] (1 = off).")
-    try:  # --fast: use_fast holds its one check
+    stage1.compute_dtype(cfg.device, cfg.dtype)  # an unknown --dtype is refused there
+    stage1.check_device(cfg.device)
+    try:  # --fast: use_fast holds its one check (and reads the device, checked above)
         use_fast(cfg.fast, cfg.device)
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    stage1.compute_dtype(cfg.device, cfg.dtype)  # an unknown --dtype is refused there
-    stage1.check_device(cfg.device)
     if cfg.policy:  # a folder that is not there, or not a vision-language model, fails here
         stage1.check_policy("--policy", cfg.policy)
 
