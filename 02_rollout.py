@@ -1,5 +1,15 @@
 """Stage 2: rollouts. G sampled completions per prompt, from a sampler written by hand.
 
+Reading guide: the file reads top to bottom as the lesson. Config (every knob, one line each), then
+  1. one step's choice   filter_top_k_top_p, next_tokens: the next token, the log-probs it is recorded under
+  2. the sampler         prefill, decode (steps 3-4, shared by both samplers), sample_completions (steps 1-4)
+  3. rollouts            rollout_prompts: G completions per prompt, batch by batch -> the rows of the file
+  4. main()              the stage in order, with the numbers it prints
+Appendix A, the fast path: sample_completions_fast takes the same arguments and draws the same random
+numbers, so it returns the same tokens, from the same prefill and decode loop over buffers allocated once, its
+one-token step compiled by torch.compile (on CUDA a CUDA graph). `--fast` picks one: auto = fast on CUDA,
+simple on the CPU (bench/bench_rollout.py times both). Appendix B: small helpers. Skip both at first reading.
+
 The model is transformers'; the loop is ours (GRPO-Zero / nanochat style):
 
   1. prefill     one forward over the left-padded prompts (image + text), with explicit mRoPE
@@ -15,12 +25,6 @@ The model is transformers'; the loop is ours (GRPO-Zero / nanochat style):
 Each completion records its token ids, the log-prob of each token under softmax(logits / T)
 (the same quantity stage 5 recomputes: before top-k/top-p and the forbidden-token mask, which
 only steer the sampler), its length, whether it ran out of budget (truncated), and its text.
-
-sample_completions is the loop to read. sample_completions_fast takes the same arguments and
-draws the same random numbers, so it returns the same tokens; it runs step 3 over buffers
-allocated once (a KV cache of prompt + budget slots, a full-width attention mask), with the
-one-token forward compiled by torch.compile, on CUDA as a CUDA graph. `--fast` picks one:
-auto = the fast path on CUDA, the simple loop on the CPU (bench/bench_rollout.py times both).
 
 Reads:  runs/<run>/policy_sft/ (or --policy), runs/<run>/data/ and stage1.json (from 01_sft_rm.py).
 Writes: runs/<run>/rollouts.jsonl, one row per prompt with its G completions, replaced only once they are all
@@ -60,8 +64,7 @@ class Config:
     seed: int = 0  # seeds prompt choice and sampling
     dtype: str = "auto"  # compute precision: auto = bf16 on CUDA, fp32 on CPU (01_sft_rm.compute_dtype)
     fast: str = "auto"  # on = sample_completions_fast, off = the simple loop, auto = on for CUDA only
-    # (on a CPU the tiny policy's step costs about the same either way, so the readable loop stays the one
-    # that runs)
+    # (on a CPU the tiny policy's step costs about the same either way, so the readable loop is the one run)
     device: str = "cuda" if torch.cuda.is_available() else "cpu"  # where the policy runs
 
 
@@ -78,10 +81,12 @@ def check_config(cfg: Config) -> None:
         raise SystemExit(f"--top-k {cfg.top_k}: must be at least 0 (0 = off).")
     if not (0 < cfg.top_p <= 1):
         raise SystemExit(f"--top-p {cfg.top_p}: must be in (0, 1] (1 = off).")
-    if cfg.fast not in ("auto", "on", "off"):
-        raise SystemExit(f"--fast {cfg.fast}: use auto, on or off.")
     stage1.compute_dtype(cfg.device, cfg.dtype)  # an unknown --dtype is refused there
     stage1.check_device(cfg.device)
+    try:  # --fast: use_fast holds its one check (and reads the device, checked above)
+        use_fast(cfg.fast, cfg.device)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     if cfg.policy:  # a folder that is not there, or not a vision-language model, fails here
         stage1.check_policy("--policy", cfg.policy)
 
@@ -94,12 +99,6 @@ class Rollout:
     length: int  # number of tokens
     truncated: bool  # no stop token within max_new_tokens
     text: str  # decoded, special tokens skipped
-
-
-def cache_kwarg(model) -> str:
-    """transformers 5.24 renamed the cache argument `past_key_values` -> `cache`; accept both."""
-    import inspect
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -133,34 +132,28 @@ def next_tokens(logits: torch.Tensor, forbidden_ids: list[int], temperature: flo
     return token, recorded
 
 
-@torch.no_grad()
-def sample_completions(model, prompt: dict, group_size: int, max_new_tokens: int, stop_ids: list[int],
-                       forbidden_ids: list[int], pad_id: int, temperature: float = 1.0, top_k: int = 0,
-                       top_p: float = 1.0, generator: torch.Generator | None = None,
-                       stop_check_every: int = 4):
-    """Sample group_size completions for each of the B prompts; rows k*G ... k*G+G-1 belong to prompt k.
-
-    prompt: encode_prompts output on the model's device (left padded).
-    Returns ids (N, L), mask (N, L), logprobs (N, L) and truncated (N,), with N = B * G.
-    """
-    B, G = prompt["input_ids"].shape[0], group_size
+def prefill(model, prompt: dict):
+    """Step 1: one forward over the B left-padded prompts (image + text) with explicit mRoPE positions.
+    Returns the positions (3, B, P), the last logits (B, V) and the KV cache of the prompts."""
     positions, _ = model.model.get_rope_index(
         prompt["input_ids"], mm_token_type_ids=prompt["mm_token_type_ids"],
         image_grid_thw=prompt["image_grid_thw"], attention_mask=prompt["attention_mask"])  # (3, B, P)
-    out = model(**prompt, position_ids=positions, use_cache=True, logits_to_keep=1)  # 1. prefill
+    out = model(**prompt, position_ids=positions, use_cache=True, logits_to_keep=1)
     cache = out.cache if "cache" in out else out.past_key_values  # the output's name follows cache_kwarg
-    cache.batch_repeat_interleave(G)  # 2. (B, ...) -> (B * G, ...): each prompt's cache copied G times
-    logits = out.logits[:, -1].repeat_interleave(G, dim=0)  # (N, V)
-    attention_mask = prompt["attention_mask"].repeat_interleave(G, dim=0)  # (N, P)
-    # (3, N, 1): left padding -> the last position is real
-    next_position = positions[:, :, -1:].repeat_interleave(G, dim=1) + 1
+    return positions, out.logits[:, -1], cache
 
-    N, device = B * G, logits.device
+
+def decode(step, logits: torch.Tensor, max_new_tokens: int, stop_ids: list[int], forbidden_ids: list[int],
+           pad_id: int, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None):
+    """Steps 3 and 4 for N rows, the same in both samplers: choose each row's next token from logits (N, V),
+    record it, and feed it with step(token (N,), t) -> the next logits (N, V), until every row has stopped
+    or the budget is spent. Returns ids (N, L), mask (N, L), logprobs (N, L) and truncated (N,)."""
+    N, device = logits.shape[0], logits.device
     ids = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (N, L)
     mask = torch.zeros((N, max_new_tokens), dtype=torch.long, device=device)  # (N, L)
     logprobs = torch.zeros((N, max_new_tokens), device=device)  # (N, L)
     finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
-    stop, cache_name = torch.tensor(stop_ids, device=device), cache_kwarg(model)
+    stop = torch.tensor(stop_ids, device=device)
     for t in range(max_new_tokens):  # 3. decode
         # token (N,), recorded (N, V)
         token, recorded = next_tokens(logits, forbidden_ids, temperature, top_k, top_p, generator)
@@ -168,25 +161,112 @@ def sample_completions(model, prompt: dict, group_size: int, max_new_tokens: int
         ids[:, t], mask[:, t] = token, (~finished).long()
         logprobs[:, t] = recorded.gather(-1, token.unsqueeze(-1)).squeeze(-1) * (~finished)
         finished = finished | torch.isin(token, stop)  # 4. the stop token itself stays in the completion
-        if (t + 1) % stop_check_every == 0 and bool(finished.all()):  # a host sync only every k steps
+        if t + 1 == max_new_tokens or (t + 1) % 4 == 0 and bool(finished.all()):  # a host sync every 4 steps
             break
-        if t + 1 == max_new_tokens:
-            break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(N, 1)], dim=1)  # (N, P + t + 1)
-        out = model(input_ids=token.unsqueeze(-1), attention_mask=attention_mask, position_ids=next_position,
-                    use_cache=True, **{cache_name: cache})
-        logits, next_position = out.logits[:, -1], next_position + 1
+        logits = step(token, t)  # (N, V)
     length = int(mask.sum(dim=1).max())  # drop columns that only hold padding
     return ids[:, :length], mask[:, :length], logprobs[:, :length], ~finished
 
 
-# ----------------------------------------------------------------------------- the fast path
-# The loop above launches a few hundred small kernels per token from Python and grows its cache by
-# concatenation: on a GPU the step waits on those launches, not on memory (`python bench/bench_rollout.py
-# --profile` shows it). The fast path keeps steps 1-4 and changes only how a step runs: every tensor the
-# decode step touches is allocated once, with a fixed shape and a fixed address, so torch.compile compiles
-# the step once and, on CUDA, records it as one CUDA graph that replays in a single launch. Its attention
-# reads the grouped key/value heads as they are (grouped_decode_attention).
+@torch.no_grad()
+def sample_completions(model, prompt: dict, group_size: int, max_new_tokens: int, stop_ids: list[int],
+                       forbidden_ids: list[int], pad_id: int, temperature: float = 1.0, top_k: int = 0,
+                       top_p: float = 1.0, generator: torch.Generator | None = None):
+    """Sample group_size completions for each of the B prompts; rows k*G ... k*G+G-1 belong to prompt k.
+
+    prompt: encode_prompts output on the model's device (left padded).
+    Returns ids (N, L), mask (N, L), logprobs (N, L) and truncated (N,), with N = B * G.
+    """
+    G = group_size
+    positions, logits, cache = prefill(model, prompt)  # 1. prefill
+    cache.batch_repeat_interleave(G)  # 2. (B, ...) -> (B * G, ...): each prompt's cache copied G times
+    prompt_mask = prompt["attention_mask"].repeat_interleave(G, dim=0)  # (N, P)
+    # (3, N, 1): left padding -> the last position is real
+    first_position = positions[:, :, -1:].repeat_interleave(G, dim=1) + 1
+    cache_name = cache_kwarg(model)
+
+    def step(token: torch.Tensor, t: int) -> torch.Tensor:
+        """Feed token (N,) at position last + 1 + t; it attends to the prompt and every token fed so far."""
+        mask = torch.cat([prompt_mask, prompt_mask.new_ones(len(token), t + 1)], dim=1)  # (N, P + t + 1)
+        out = model(input_ids=token.unsqueeze(-1), attention_mask=mask,
+                    position_ids=first_position + t, use_cache=True, **{cache_name: cache})
+        return out.logits[:, -1]
+
+    return decode(step, logits.repeat_interleave(G, dim=0), max_new_tokens, stop_ids, forbidden_ids, pad_id,
+                  temperature, top_k, top_p, generator)
+
+
+def rollout_prompts(model, processor, data, rows: list[int], columns: dict, cfg,
+                    generator=None) -> list[dict]:
+    """Roll out G completions for each data row; returns one dict per prompt (the rollouts.jsonl rows)."""
+    stop_ids, forbidden = stage1.stop_token_ids(processor), forbidden_token_ids(processor)
+    sample = sampler(getattr(cfg, "fast", "auto"), cfg.device)  # a config without the field: the default
+    records = []
+    # a bar only when there are several batches
+    for start in tqdm(range(0, len(rows), cfg.prompts_per_batch), desc="rollouts", leave=False,
+                      disable=len(rows) <= cfg.prompts_per_batch):
+        chunk = rows[start: start + cfg.prompts_per_batch]
+        images = [stage1.row_image(data, i, columns["image"]) for i in chunk]
+        questions = [data[i][columns["question"]] for i in chunk]
+        prompt = stage1.to_device(stage1.encode_prompts(processor, images, questions), cfg.device)
+        tensors = sample(model, prompt, cfg.group_size, cfg.max_new_tokens, stop_ids, forbidden,
+                         processor.tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, generator)
+        rollouts = to_rollouts(processor, *tensors)
+        for k, row in enumerate(chunk):
+            group = rollouts[k * cfg.group_size: (k + 1) * cfg.group_size]
+            records.append({"row": row, "question": data[row][columns["question"]],
+                            "answer": str(data[row][columns["answer"]]),
+                            "completions": [dataclasses.asdict(r) for r in group]})
+    return records
+
+
+def main(cfg: Config) -> list[dict]:
+    from datasets import load_from_disk
+
+    check_config(cfg)  # every flag, before anything is read, loaded or written
+    run_dir = Path(cfg.runs_dir) / cfg.run
+    stage1_config = stage1.read_stage1(run_dir)["config"]
+    data = load_from_disk(str(stage1.require(run_dir / "data", "python 01_sft_rm.py")))
+    if cfg.split not in data:
+        raise SystemExit(f"--split {cfg.split}: {run_dir / 'data'} has splits {list(data)}.")
+    data = data[cfg.split]
+    if len(data) == 0:
+        raise SystemExit(f"--split {cfg.split}: {run_dir / 'data'} has no rows in it; pick another split "
+                         f"({run_dir / 'rollouts.jsonl'} is left as it was).")
+    policy = cfg.policy or str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))
+    # nothing trains here: the policy is stored in the compute dtype (bf16 on CUDA), as in stages 5 and 6
+    model, processor = stage1.load_policy(policy, cfg.device,
+                                          dtype=stage1.compute_dtype(cfg.device, cfg.dtype))
+    model.eval()
+
+    rows = random.Random(cfg.seed).sample(range(len(data)), min(cfg.n_prompts, len(data)))
+    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
+    started = time.time()
+    records = rollout_prompts(model, processor, data, rows, data_columns(stage1_config), cfg, generator)
+    seconds = time.time() - started
+    stage1.write_jsonl_atomic(run_dir / "rollouts.jsonl", records)
+
+    completions = [c for r in records for c in r["completions"]]
+    tokens = sum(c["length"] for c in completions)
+    print(f"\n{len(records)} prompts x {cfg.group_size} completions, {tokens} tokens in {seconds:.1f} s "
+          f"({tokens / seconds:.0f} tokens/s); mean length {tokens / len(completions):.1f}, "
+          f"truncated {sum(c['truncated'] for c in completions) / len(completions):.1%}")
+    print(f"  e.g. {completions[0]['text']!r}")
+    print(f"wrote {run_dir / 'rollouts.jsonl'}")
+    return records
+
+
+# ============================================================================================================
+# Appendix A: the fast path (skip on a first reading)
+# The lesson's loop (sample_completions) launches a few hundred small kernels per token from Python and grows
+# its cache by concatenation: on a GPU the step waits on those launches, not on memory (`python
+# bench/bench_rollout.py --profile` shows it). The fast path keeps steps 1-4 and changes only how a step runs:
+# every tensor the decode step touches is allocated once, with a fixed shape and a fixed address, so
+# torch.compile compiles the step once and, on CUDA, records it as one CUDA graph that replays in a single
+# launch. Its attention reads the grouped key/value heads as they are (grouped_decode_attention).
+# ============================================================================================================
+
+
 class SlotCache:
     """A KV cache preallocated as N rows x W slots per layer; `update` writes the slot `self.slot` holds.
 
@@ -236,6 +316,9 @@ def grouped_decode_attention(module, query: torch.Tensor, key: torch.Tensor, val
 
 
 GROUPED_ATTENTION = "cora_grouped_decode"  # its name in transformers' AttentionInterface
+# sdpa models decode with grouped_decode_attention; False keeps transformers' sdpa, which under torch.compile
+# repeats the key/value heads (bench/bench_rollout.py's fast-repeat column and a test set it to compare both)
+GROUPED_DECODE = True
 
 
 class StaticDecoder:
@@ -247,8 +330,7 @@ class StaticDecoder:
     decoder_for).
     """
 
-    def __init__(self, model, prefill_cache, rows: int, width: int, compile_mode: str | None,
-                 grouped_attention: bool = True):
+    def __init__(self, model, prefill_cache, rows: int, width: int, compile_mode: str | None):
         attention = model.config._attn_implementation
         if attention not in ("sdpa", "eager"):
             raise ValueError(f"the fast sampler builds its own attention mask for sdpa or eager attention, "
@@ -256,8 +338,8 @@ class StaticDecoder:
                              f"or use --fast off")
         # the language model's config, which its attention layers read to pick their attention function
         self.text_config = model.model.language_model.config
-        self.step_attention = attention  # sdpa models decode with grouped_decode_attention (if asked)
-        if attention == "sdpa" and grouped_attention:
+        self.step_attention = attention  # sdpa models decode with grouped_decode_attention (GROUPED_DECODE)
+        if attention == "sdpa" and GROUPED_DECODE:
             from transformers import AttentionInterface
 
             AttentionInterface.register(GROUPED_ATTENTION, grouped_decode_attention)
@@ -369,13 +451,12 @@ DECODERS: dict[tuple, StaticDecoder] = {}
 MAX_DECODERS = 4  # shapes kept at once: each holds its own KV cache (and, on CUDA, its graph's memory)
 
 
-def decoder_for(model, prefill_cache, rows: int, width: int, compile_mode: str | None,
-                grouped_attention: bool = True) -> StaticDecoder:
+def decoder_for(model, prefill_cache, rows: int, width: int, compile_mode: str | None) -> StaticDecoder:
     """The StaticDecoder of this shape, built (and compiled) on first use. Decoders are kept for the last
     model sampled from: a new model drops the old ones, their caches and their compiled steps."""
     layer = prefill_cache.layers[0]
     key = (id(model), rows, width, layer.keys.dtype, layer.values.dtype, str(layer.keys.device),
-           grouped_attention, compile_mode)
+           GROUPED_DECODE, compile_mode)
     if any(k[0] != id(model) for k in DECODERS):
         compiled = any(d.compile_mode for d in DECODERS.values())
         DECODERS.clear()
@@ -385,7 +466,7 @@ def decoder_for(model, prefill_cache, rows: int, width: int, compile_mode: str |
     if key not in DECODERS:
         if len(DECODERS) >= MAX_DECODERS:
             DECODERS.pop(next(iter(DECODERS)))  # the oldest shape
-        DECODERS[key] = StaticDecoder(model, prefill_cache, rows, width, compile_mode, grouped_attention)
+        DECODERS[key] = StaticDecoder(model, prefill_cache, rows, width, compile_mode)
     return DECODERS[key]
 
 
@@ -400,61 +481,41 @@ def default_compile_mode(device) -> str | None:
 def sample_completions_fast(model, prompt: dict, group_size: int, max_new_tokens: int, stop_ids: list[int],
                             forbidden_ids: list[int], pad_id: int, temperature: float = 1.0, top_k: int = 0,
                             top_p: float = 1.0, generator: torch.Generator | None = None,
-                            stop_check_every: int = 4, compile_mode: str | None = "auto",
-                            width_multiple: int = 64, grouped_attention: bool = True):
-    """sample_completions with a preallocated cache and a compiled decode step. Same arguments and returns,
-    the same random draws from the same generator, so the same tokens, and log-probs equal up to float
-    rounding.
+                            compile_mode: str | None = "auto", width_multiple: int = 64):
+    """sample_completions with a preallocated cache and a compiled decode step: the same prefill and decode
+    loop, StaticDecoder.step as its step. Same arguments and returns, the same random draws from the same
+    generator, so the same tokens, and log-probs equal up to float rounding.
 
     compile_mode: a torch.compile mode, None (eager), or "auto" (default_compile_mode of the model's device).
     width_multiple: cache width W = prompt + budget rounded up to a multiple of it, so that batches whose
     prompts differ by a few tokens share one compiled step.
-    grouped_attention: decode with grouped_decode_attention (sdpa models); False keeps transformers' sdpa,
-    which under torch.compile repeats the key/value heads (bench/bench_rollout.py times both).
     """
-    B, G = prompt["input_ids"].shape[0], group_size
-    positions, _ = model.model.get_rope_index(
-        prompt["input_ids"], mm_token_type_ids=prompt["mm_token_type_ids"],
-        image_grid_thw=prompt["image_grid_thw"], attention_mask=prompt["attention_mask"])  # (3, B, P)
-    # 1. prefill, once per prompt
-    out = model(**prompt, position_ids=positions, use_cache=True, logits_to_keep=1)
-    prefill = out.cache if "cache" in out else out.past_key_values
-    N, P, device = B * G, prompt["input_ids"].shape[1], out.logits.device
+    positions, logits, prefill_cache = prefill(model, prompt)  # 1. prefill, once per prompt
+    N, P = logits.shape[0] * group_size, prompt["input_ids"].shape[1]
     if compile_mode == "auto":
-        compile_mode = default_compile_mode(device)
+        compile_mode = default_compile_mode(logits.device)
     width = -(-(P + max_new_tokens) // width_multiple) * width_multiple  # W: P + budget, rounded up
-    decoder = decoder_for(model, prefill, N, width, compile_mode, grouped_attention)
-    decoder.start(prefill, prompt["attention_mask"], positions[:, :, -1:] + 1, G)  # 2. expand into the N rows
-    logits = out.logits[:, -1].repeat_interleave(G, dim=0)  # (N, V)
-    del out, prefill  # the prompt's cache now lives in the decoder's slots
+    decoder = decoder_for(model, prefill_cache, N, width, compile_mode)
+    # 2. expand into the N rows
+    decoder.start(prefill_cache, prompt["attention_mask"], positions[:, :, -1:] + 1, group_size)
+    del prefill_cache  # the prompt's cache now lives in the decoder's slots
+    return decode(decoder.step, logits.repeat_interleave(group_size, dim=0), max_new_tokens, stop_ids,
+                  forbidden_ids, pad_id, temperature, top_k, top_p, generator)  # 3. and 4.
 
-    ids = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=device)  # (N, L)
-    mask = torch.zeros((N, max_new_tokens), dtype=torch.long, device=device)  # (N, L)
-    logprobs = torch.zeros((N, max_new_tokens), device=device)  # (N, L)
-    finished = torch.zeros(N, dtype=torch.bool, device=device)  # (N,)
-    stop = torch.tensor(stop_ids, device=device)
-    for t in range(max_new_tokens):  # 3. decode: the same choice and bookkeeping as sample_completions
-        # token (N,), recorded (N, V)
-        token, recorded = next_tokens(logits, forbidden_ids, temperature, top_k, top_p, generator)
-        token = torch.where(finished, pad_id, token)
-        ids[:, t], mask[:, t] = token, (~finished).long()
-        logprobs[:, t] = recorded.gather(-1, token.unsqueeze(-1)).squeeze(-1) * (~finished)
-        finished = finished | torch.isin(token, stop)  # 4. stop
-        if (t + 1) % stop_check_every == 0 and bool(finished.all()):
-            break
-        if t + 1 == max_new_tokens:
-            break
-        logits = decoder.step(token, t)  # (N, V)
-    length = int(mask.sum(dim=1).max())
-    return ids[:, :length], mask[:, :length], logprobs[:, :length], ~finished
+
+# ============================================================================================================
+# Appendix B: small helpers (skip on a first reading)
+# Which sampler --fast picks, the sampler's tensors as Rollout rows, stage 1's column names, the token ids
+# never sampled, transformers' name for the cache argument.
+# ============================================================================================================
 
 
 def use_fast(fast: bool | str, device) -> bool:
-    """Config.fast -> bool: True/"on", False/"off", or "auto" (on for CUDA only)."""
+    """Config.fast -> bool: True/"on", False/"off", or "auto" (on for CUDA only); anything else is refused."""
     if isinstance(fast, bool):
         return fast
     if fast not in ("auto", "on", "off"):
-        raise ValueError(f"fast={fast!r}: use on, off or auto")
+        raise ValueError(f"--fast {fast}: use auto, on or off.")
     return fast == "on" or (fast == "auto" and torch.device(device).type == "cuda")
 
 
@@ -477,77 +538,22 @@ def to_rollouts(processor, ids: torch.Tensor, mask: torch.Tensor, logprobs: torc
     return rollouts
 
 
-def forbidden_token_ids(processor) -> list[int]:
-    """Vision special tokens (and <|im_start|>) may never be sampled."""
-    tok = processor.tokenizer
-    ids = [tok.convert_tokens_to_ids(t) for t in stage1.VISION_TOKENS + ["<|im_start|>"]]
-    return [i for i in ids if i is not None and i != tok.unk_token_id]
-
-
-def rollout_prompts(model, processor, data, rows: list[int], columns: dict, cfg,
-                    generator=None) -> list[dict]:
-    """Roll out G completions for each data row; returns one dict per prompt (the rollouts.jsonl rows)."""
-    stop_ids, forbidden = stage1.stop_token_ids(processor), forbidden_token_ids(processor)
-    sample = sampler(getattr(cfg, "fast", "auto"), cfg.device)  # a config without the field: the default
-    records = []
-    # a bar only when there are several batches
-    for start in tqdm(range(0, len(rows), cfg.prompts_per_batch), desc="rollouts", leave=False,
-                      disable=len(rows) <= cfg.prompts_per_batch):
-        chunk = rows[start: start + cfg.prompts_per_batch]
-        images = [stage1.row_image(data, i, columns["image"]) for i in chunk]
-        prompt = stage1.to_device(
-            stage1.encode_prompts(processor, images, [data[i][columns["question"]] for i in chunk]),
-            cfg.device)
-        tensors = sample(model, prompt, cfg.group_size, cfg.max_new_tokens, stop_ids, forbidden,
-                         processor.tokenizer.pad_token_id, cfg.temperature, cfg.top_k, cfg.top_p, generator)
-        rollouts = to_rollouts(processor, *tensors)
-        for k, row in enumerate(chunk):
-            group = rollouts[k * cfg.group_size: (k + 1) * cfg.group_size]
-            records.append({"row": row, "question": data[row][columns["question"]],
-                            "answer": str(data[row][columns["answer"]]),
-                            "completions": [dataclasses.asdict(r) for r in group]})
-    return records
-
-
 def data_columns(stage1_config: dict) -> dict:
     return {"image": stage1_config["image_column"], "question": stage1_config["question_column"],
             "answer": stage1_config["answer_column"]}
 
 
-def main(cfg: Config) -> list[dict]:
-    from datasets import load_from_disk
+def cache_kwarg(model) -> str:
+    """transformers 5.24 renamed the cache argument `past_key_values` -> `cache`; accept both."""
+    import inspect
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
-    check_config(cfg)  # every flag, before anything is read, loaded or written
-    run_dir = Path(cfg.runs_dir) / cfg.run
-    stage1_config = stage1.read_stage1(run_dir)["config"]
-    data = load_from_disk(str(stage1.require(run_dir / "data", "python 01_sft_rm.py")))
-    if cfg.split not in data:
-        raise SystemExit(f"--split {cfg.split}: {run_dir / 'data'} has splits {list(data)}.")
-    data = data[cfg.split]
-    if len(data) == 0:
-        raise SystemExit(f"--split {cfg.split}: {run_dir / 'data'} has no rows in it; pick another split "
-                         f"({run_dir / 'rollouts.jsonl'} is left as it was).")
-    policy = cfg.policy or str(stage1.require(run_dir / "policy_sft", "python 01_sft_rm.py"))
-    # nothing trains here: the policy is stored in the compute dtype (bf16 on CUDA), as in stages 5 and 6
-    model, processor = stage1.load_policy(policy, cfg.device,
-                                          dtype=stage1.compute_dtype(cfg.device, cfg.dtype))
-    model.eval()
 
-    rows = random.Random(cfg.seed).sample(range(len(data)), min(cfg.n_prompts, len(data)))
-    generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
-    started = time.time()
-    records = rollout_prompts(model, processor, data, rows, data_columns(stage1_config), cfg, generator)
-    seconds = time.time() - started
-    stage1.write_jsonl_atomic(run_dir / "rollouts.jsonl", records)
-
-    completions = [c for r in records for c in r["completions"]]
-    tokens = sum(c["length"] for c in completions)
-    print(f"\n{len(records)} prompts x {cfg.group_size} completions, {tokens} tokens in {seconds:.1f} s "
-          f"({tokens / seconds:.0f} tokens/s); mean length {tokens / len(completions):.1f}, "
-          f"truncated {sum(c['truncated'] for c in completions) / len(completions):.1%}")
-    print(f"  e.g. {completions[0]['text']!r}")
-    print(f"wrote {run_dir / 'rollouts.jsonl'}")
-    return records
+def forbidden_token_ids(processor) -> list[int]:
+    """Vision special tokens (and <|im_start|>) may never be sampled."""
+    tok = processor.tokenizer
+    ids = [tok.convert_tokens_to_ids(t) for t in stage1.VISION_TOKENS + ["<|im_start|>"]]
+    return [i for i in ids if i is not None and i != tok.unk_token_id]
 
 
 if __name__ == "__main__":

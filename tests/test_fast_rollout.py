@@ -234,13 +234,14 @@ def test_compiled_step_reads_the_cache_without_repeating_heads(policy, monkeypat
 
     counts, prompt = {}, mixed_batch(processor)  # one batch: effect_noise draws new images at each call
     for grouped in (False, True):
+        monkeypatch.setattr(stage2, "GROUPED_DECODE", grouped)
         recorded.clear()
         stage2.DECODERS.clear()
         torch._dynamo.reset()
         # forbidden: the vision tokens (sampled, they make the next forward another computation)
         args = (2, 6, [], stage2.forbidden_token_ids(processor), processor.tokenizer.pad_token_id)
         fast = stage2.sample_completions_fast(model, prompt, *args, compile_mode="default",
-                                              generator=torch.Generator().manual_seed(7), grouped_attention=grouped)
+                                              generator=torch.Generator().manual_seed(7))
         simple = stage2.sample_completions(model, prompt, *args, generator=torch.Generator().manual_seed(7))
         assert_same(simple, fast)
         decoder = next(iter(stage2.DECODERS.values()))
