@@ -1412,6 +1412,15 @@ def check_crm(cfg: Config, crm_path: str) -> None:
     del crm
 
 
+def check_judge_flags(cfg) -> None:
+    """--judge, --judge-url and --judge-model name one judge, whole. cfg: any stage's Config with those fields."""
+    if cfg.judge and cfg.judge_url:
+        raise SystemExit("--judge and --judge-url both name a judge: pass one of them.")
+    if bool(cfg.judge_url) != bool(cfg.judge_model):
+        raise SystemExit("--judge-url and --judge-model go together: "
+                         "the endpoint and the model to ask there.")
+
+
 def make_judge(cfg, cache_path: Path):
     """The LLM judge of --judge (a local model on cfg.device) or --judge-url (an endpoint, its replies
     cached in cache_path, so a killed run asks only for the rest). cfg: any stage's Config with the judge's
@@ -1681,11 +1690,7 @@ def check_config(cfg: Config) -> None:
     if embedded and (cfg.image_size % 28 or cfg.image_size < 56):
         raise SystemExit(f"--image-size {cfg.image_size}: must be a multiple of 28, "
                          f"at least 56 (default 84).")
-    if cfg.judge and cfg.judge_url:
-        raise SystemExit("--judge and --judge-url both name a judge: pass one of them.")
-    if bool(cfg.judge_url) != bool(cfg.judge_model):
-        raise SystemExit("--judge-url and --judge-model go together: "
-                         "the endpoint and the model to ask there.")
+    check_judge_flags(cfg)
     if judged and cfg.crm_data:
         raise SystemExit("--crm-data is already labelled: "
                          "pass it or a judge (--judge, --judge-url), not both")

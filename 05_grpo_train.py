@@ -795,11 +795,7 @@ def check_config(cfg: Config) -> None:
     if cfg.audit_every and not (cfg.judge or cfg.judge_url):
         raise SystemExit(f"--audit-every {cfg.audit_every}: an audit needs a judge: pass --judge MODEL, or "
                          f"--judge-url URL --judge-model NAME.")
-    if cfg.judge and cfg.judge_url:
-        raise SystemExit("--judge and --judge-url both name a judge: pass one of them.")
-    if bool(cfg.judge_url) != bool(cfg.judge_model):
-        raise SystemExit("--judge-url and --judge-model go together: the endpoint and the model to ask "
-                         "there.")
+    stage1.check_judge_flags(cfg)
     if not (math.isfinite(cfg.crm_refresh_lr) and cfg.crm_refresh_lr > 0):
         raise SystemExit(f"--crm-refresh-lr {cfg.crm_refresh_lr}: must be a finite number above 0.")
     if cfg.resume and cfg.overwrite:
