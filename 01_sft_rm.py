@@ -61,7 +61,7 @@ Writes: runs/<run>/data/ (datasets save_to_disk), runs/<run>/policy_sft/ and run
         runs/<run>/stage1.new/ first and replace the previous run only once complete (replace_run);
         a URL judge's replies are cached in runs/<run>/judge_cache.jsonl (a rerun asks only for the rest).
 
-Run:    python 01_sft_rm.py                              # embedded default (its wall time: see the README)
+Run:    python 01_sft_rm.py                              # embedded default (its wall time: docs/LOG.md)
         python 01_sft_rm.py --policy Qwen/Qwen2-VL-2B-Instruct --skip-policy-sft \\
             --dataset my_data.jsonl --crm answerdotai/ModernBERT-large --crm-data judged.jsonl
         python 01_sft_rm.py --policy Qwen/Qwen2-VL-2B-Instruct --skip-policy-sft --dataset my_data.jsonl \\
@@ -577,7 +577,7 @@ def step_conclusion_pairs(split) -> list[dict]:
 def policy_rollouts(cfg: Config, model, processor, split, n_prompts: int, seed: int) -> list[dict]:
     """The paper's recipe in miniature: the policy's own sampled rollouts on n_prompts prompts of `split`, as
     {question, thinking, answer} rows for a judge (the rule oracle, or an LLM: adapters/judge.py). A CRM that
-    has only seen clean templates is easy to fool with drifted text (measured: see the README). Rollouts with
+    has only seen clean templates is easy to fool with drifted text (measured: docs/LOG.md). Rollouts with
     nothing to parse are skipped: they get r_cons = 0 without the CRM."""
     rows = random.Random(seed).sample(range(len(split)), min(n_prompts, len(split)))
     torch.manual_seed(seed)
@@ -1413,7 +1413,8 @@ def check_crm(cfg: Config, crm_path: str) -> None:
 
 
 def check_judge_flags(cfg) -> None:
-    """--judge, --judge-url and --judge-model name one judge, whole. cfg: any stage's Config with those fields."""
+    """--judge, --judge-url and --judge-model name one judge, whole. cfg: any stage's Config with those
+    fields."""
     if cfg.judge and cfg.judge_url:
         raise SystemExit("--judge and --judge-url both name a judge: pass one of them.")
     if bool(cfg.judge_url) != bool(cfg.judge_model):

@@ -301,7 +301,7 @@ def grouped_decode_attention(module, query: torch.Tensor, key: torch.Tensor, val
     head become g query rows of that head: one attention over (N, H_kv, g, D) queries, the cache as it is.
     transformers' sdpa does the same when it runs eagerly ("pack_gqa"), but under torch.compile it copies
     the cache out to all H heads first (repeat_kv), a large share of the step's memory traffic on a GPU
-    (README, "On a GPU"). Anything but a one-token query (the prefill) goes to transformers' sdpa.
+    (docs/LOG.md, rollout speed). Anything but a one-token query (the prefill) goes to transformers' sdpa.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -473,7 +473,7 @@ def decoder_for(model, prefill_cache, rows: int, width: int, compile_mode: str |
 def default_compile_mode(device) -> str | None:
     """CUDA: "reduce-overhead", i.e. torch.compile + CUDA graphs, the step replayed in one launch.
     CPU: None, the step runs eagerly: for the embedded policy compiling gains little and costs seconds of
-    compiling per process and shape (README, the rollout tables)."""
+    compiling per process and shape (docs/LOG.md, rollout speed)."""
     return "reduce-overhead" if torch.device(device).type == "cuda" else None
 
 

@@ -25,7 +25,7 @@ probabilities may all be ~0.9989 and differ only in the 6th decimal (float noise
 inference), yet the z-score scales that noise up to unit size, as large as the accuracy signal.
 cons_eps (the eps of z(r_cons) alone; default eps) damps it: with cons_eps = 0.05 a spread of 1e-6
 gives advantages of ~1e-5, while a group of 8 with one inconsistent member (std 0.354) keeps 88 %
-of its scale. The defaults keep eps (the measured table in the README); see there for 0.05.
+of its scale. The defaults keep eps; docs/LOG.md gives what 0.05 measured.
 
 Two different "nothing to learn" counts (zero_variance_stats): groups whose task reward is constant
 (every answer right, or every one wrong: GRPO's advantages are all 0 there), and groups whose final

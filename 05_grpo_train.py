@@ -397,7 +397,7 @@ def shared_prompt_logprobs(model, prompt: dict, completion_ids: torch.Tensor, co
     and the completions (N, L) run on top of them as the sampler's decode does, attending to the copies. The
     same attention over the same keys, so the same log-probs (a test checks value and gradient); the gradient
     reaching a copy flows back into its prompt's one forward. What it saves grows with the prompt's share of a
-    row's tokens (the README measures it). Needs the KV cache in training, which transformers turns off under
+    row's tokens (docs/LOG.md measures it). Needs the KV cache in training, which transformers turns off under
     gradient checkpointing: batch_logprobs then uses completion_logprobs.
     visual: as in completion_logprobs, one entry per prompt (not per row).
     """
@@ -405,7 +405,7 @@ def shared_prompt_logprobs(model, prompt: dict, completion_ids: torch.Tensor, co
 
     core = stage1.unwrap(model)
     rows = torch.tensor(prompt_of, device=completion_ids.device)  # (N,): the prompt of each row
-    P, L = prompt["input_ids"].shape[1], completion_ids.shape[1]
+    P = prompt["input_ids"].shape[1]
     # 1. each prompt once, keeping its keys and values
     out = stage1.backbone(core, prompt["input_ids"], prompt["attention_mask"], prompt["mm_token_type_ids"],
                           prompt["pixel_values"], prompt["image_grid_thw"], visual, use_cache=True)
@@ -489,8 +489,8 @@ def enable_checkpointing(model) -> None:
     checkpointing, which works when the input embeddings need no gradient, as with LoRA).
     transformers also hooks the input embeddings to mark their output as requiring a gradient, which only
     reentrant checkpointing needs; the hook calls requires_grad_() inside the forward, which torch.compile
-    cannot trace, so the fast sampler's step fell back to eager (the README's GPU section). We remove the
-    hook."""
+    cannot trace, so the fast sampler's step fell back to eager (docs/LOG.md, real sizes on a GPU). We remove
+    the hook."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     stage1.unwrap(model).disable_input_require_grads()
 
