@@ -8,7 +8,8 @@ or each prompt once and the G completions on copies of its keys and values
 length (every token real, so the work is equal), one forward and one backward of the token-mean of the
 log-probs, best of --repeats after a warm-up. The model is built from a config with random weights (speed
 does not depend on the values): `--shape tiny` is the embedded policy (the CPU default: one 84x84 image and
-the chat template, ~60 prompt tokens); `--shape 2b` is Qwen2-VL-2B-shaped (the GPU default, bf16 autocast; one 448x448 image = 256 visual tokens).
+the chat template, ~60 prompt tokens); `--shape 2b` is Qwen2-VL-2B-shaped (the GPU default, bf16 autocast;
+one 448x448 image = 256 visual tokens).
 The last line is the headline: `B 8 x G 8: shared prompts 2.31x repeated (CPU)`.
 
 Run:  python bench/bench_update.py                              # CPU: tiny shape
